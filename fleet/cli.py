@@ -1,0 +1,202 @@
+"""The ``fleet`` command line. Loads the settings at the edge and passes them down.
+
+Every FleetError becomes one line on stderr and exit status 1 (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fleet.errors import FleetError
+from fleet.settings import CONFIG_ENV, FleetSettings, load_settings
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"fleet: error: {msg}", err=True)
+    sys.exit(1)
+
+
+def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FleetError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def settings_of(ctx: click.Context, **overrides: Any) -> FleetSettings:
+    return load_settings(ctx.obj.get("config"), **overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(dir_okay=False), envvar=CONFIG_ENV, help="Fleet settings file (YAML or JSON).")
+@click.version_option(package_name="fleet")
+@click.pass_context
+def main(ctx: click.Context, config: str | None) -> None:
+    """fleet: run experiments of thousands of samples on shared GPU servers."""
+    ctx.obj = {"config": config}
+    if config:  # child processes (workers, Flower) read the same file
+        os.environ[CONFIG_ENV] = str(Path(config).resolve())
+
+
+@main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--category", "categories", multiple=True, help="Only this category (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Plan and check, publish nothing, list what would go.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: planned, done, in_flight, enqueued.")
+@click.pass_context
+@handles_errors
+def enqueue(ctx: click.Context, experiment: Path, categories: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
+    """Publish every sample of EXPERIMENT that is not done, queued or running."""
+    from fleet.broker import connect
+    from fleet.enqueue import enqueue as do_enqueue
+    from fleet.experiment import load_experiment
+
+    settings = settings_of(ctx)
+    exp = load_experiment(experiment)
+    client = connect(settings)
+    res = do_enqueue(client, settings.namespace, exp, list(categories) or None, dry_run=dry_run)
+    if as_json:
+        d = res.as_dict()
+        if dry_run:
+            d["would_enqueue"] = [
+                {"sample_id": s.sample_id, "category": s.category, "video": s.video.name, "seed": s.seed,
+                 "prompt_index": s.prompt_index, "output": s.output_path}
+                for s in res.would_enqueue
+            ]
+        click.echo(json.dumps(d, ensure_ascii=False))
+        return
+    if dry_run:
+        for s in res.would_enqueue:
+            click.echo(f"would enqueue {s.sample_id}  {s.output_path}")
+    verb = "would enqueue" if dry_run else "enqueued"
+    click.echo(
+        f"{exp.name}: planned {res.planned}, done {res.done}, in flight {res.in_flight}, "
+        f"{verb} {len(res.would_enqueue) if dry_run else res.enqueued}"
+    )
+
+
+@main.command()
+@click.option("--gpu", type=int, help="The GPU (NVML / PCI bus index) this worker owns.")
+@click.option("--gpus", help="Several GPUs of this host for multi-GPU tasks, e.g. 0,1.")
+@click.option("--cpu", is_flag=True, help="A CPU worker (no GPU).")
+@click.option("--slot", type=int, default=0, show_default=True, help="Slot number when several workers share a GPU.")
+@click.option("--queue", "queues", multiple=True, help="Consume these queues (default: what the GPU can serve).")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="auto: cuda for --gpu/--gpus, except on a fake GPU inventory.")
+@click.pass_context
+@handles_errors
+def worker(ctx: click.Context, gpu: int | None, gpus: str | None, cpu: bool, slot: int, queues: tuple[str, ...], device: str) -> None:
+    """Run one Celery worker for one GPU (prefetch 1, late acks, model kept resident)."""
+    from fleet.worker_launch import worker_command
+
+    settings = settings_of(ctx)
+    argv, env = worker_command(settings, gpu=gpu, gpus=gpus, cpu=cpu, slot=slot, queues=list(queues), device=device)
+    sys.stdout.flush()
+    os.execvpe(argv[0], argv, env)
+
+
+@main.command()
+@click.argument("experiment", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--category", "categories", multiple=True, help="Only this category (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: total, done, queued, running, failed, by_category.")
+@click.pass_context
+@handles_errors
+def status(ctx: click.Context, experiment: Path | None, categories: tuple[str, ...], as_json: bool) -> None:
+    """Done / queued / running / failed, per category and in total."""
+    from fleet.broker import connect
+    from fleet.status import experiment_status, global_status
+
+    settings = settings_of(ctx)
+    client = connect(settings)
+    if experiment is not None:
+        from fleet.experiment import load_experiment
+
+        st = experiment_status(client, settings.namespace, load_experiment(experiment), list(categories) or None)
+    else:
+        st = global_status(client, settings.namespace)
+    d = st.as_dict()
+    if as_json:
+        click.echo(json.dumps(d, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="fleet status" + (f": {experiment}" if experiment else ""))
+    for col in ("category", "total", "done", "queued", "running", "failed"):
+        t.add_column(col, justify="left" if col == "category" else "right")
+    for cat, row in d["by_category"].items():
+        t.add_row(cat, *(str(row[k]) for k in ("total", "done", "queued", "running", "failed")))
+    t.add_row("[b]all[/b]", *(f"[b]{d[k]}[/b]" for k in ("total", "done", "queued", "running", "failed")))
+    Console().print(t)
+
+
+@main.command()
+@click.option("--gpus", "gpu_list", help="Use these GPUs ('all' or e.g. 0,2,3).")
+@click.option("--cpu-workers", type=int, help="Start this many CPU workers instead of GPU workers.")
+@click.pass_context
+@handles_errors
+def up(ctx: click.Context, gpu_list: str | None, cpu_workers: int | None) -> None:
+    """Start Redis (embedded unless configured), one worker per usable GPU, and Flower."""
+    from fleet.launcher import up as do_up
+
+    settings = settings_of(ctx)
+    info = do_up(settings, gpus=gpu_list, cpu_workers=cpu_workers)
+    click.echo(info.describe())
+
+
+@main.command()
+@click.option("--grace-s", type=float, default=60.0, show_default=True,
+              help="Seconds workers get to finish their sample before they are killed (it then runs again elsewhere).")
+@click.pass_context
+@handles_errors
+def down(ctx: click.Context, grace_s: float) -> None:
+    """Stop exactly what `fleet up` started on this machine."""
+    from fleet.launcher import down as do_down
+
+    click.echo(do_down(settings_of(ctx), grace_s=grace_s))
+
+
+@main.command("make-tiny-model")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@handles_errors
+def make_tiny_model(directory: Path) -> None:
+    """Write a tiny random-weight Wan model (DiT, text encoder, VAE, tokenizer) to DIRECTORY."""
+    # The builder needs torch and diffsynth; it runs in its own process so that this
+    # package never imports them.
+    rc = subprocess.call([sys.executable, "-m", "workers.tiny_model", str(directory)])
+    if rc:
+        _fail(f"{directory}: building the tiny model failed (exit {rc})")
+
+
+@main.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("fleet-demo"),
+              show_default=True, help="Work folder; the experiment is left at DIR/experiment.yaml.")
+@click.option("--workers", "n_workers", type=int, default=2, show_default=True, help="CPU workers when no GPU is found.")
+@click.pass_context
+@handles_errors
+def demo(ctx: click.Context, directory: Path, n_workers: int) -> None:
+    """Build a tiny model and a seed-001-shaped dataset, run it on a local fleet, stop it."""
+    from fleet.demo import run_demo
+
+    run_demo(settings_of(ctx), directory, n_workers)
+
+
+
+if __name__ == "__main__":
+    main()

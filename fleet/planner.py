@@ -1,0 +1,165 @@
+"""Planning: an experiment expanded into one sample per (category, video, prompt, seed).
+
+Every sample has a deterministic id over everything that decides its output (DESIGN §2),
+so planning the same experiment twice gives the same ids, a changed parameter gives new
+ones, and "what is left to do" is a set difference against the completion records.
+
+Planning never decodes a video: it reads each reference video's content identity (size
+plus its first and last MiB). Whether a video decodes is checked once per content id by
+``fleet.video_file.probe`` and cached in Redis (see ``fleet.enqueue``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleet.contract import TASK_VIDEO, VIDEO_SCHEMA
+from fleet.dataset import ReferenceVideo, scan_dataset
+from fleet.errors import InputError
+from fleet.experiment import LoadedExperiment
+from fleet.prompts import load_prompts
+from fleet.video_file import content_id
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One planned sample; the payload is built only for samples that will be published."""
+
+    sample_id: str
+    category: str
+    video: ReferenceVideo
+    video_cid: str
+    prompt: str
+    prompt_index: int
+    seed: int
+    output_path: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    experiment: LoadedExperiment
+    samples: list[Sample]
+    videos: list[tuple[ReferenceVideo, str]]  # (video, content id), for probing
+    task_name: str = TASK_VIDEO
+
+
+def _common_fields(exp: LoadedExperiment) -> dict:
+    s = exp.spec
+    common = {
+        "kind": "video",
+        "mode": s.mode,
+        "model": exp.model.identity(),
+        "width": s.width,
+        "height": s.height,
+        "frames": s.frames,
+        "fps": s.fps,
+        "steps": s.steps,
+        "cfg_scale": s.cfg_scale,
+        "negative_prompt": s.negative_prompt,
+        "tiled": s.tiled,
+    }
+    if s.mode == "motion":
+        common["denoising_strength"] = s.denoising_strength
+    return common
+
+
+def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None) -> Plan:
+    """Every sample of the experiment (optionally of some categories), in a stable order.
+
+    Raises InputError for a prompts file that is malformed or names a missing video,
+    and for a video without prompts.
+    """
+    s = exp.spec
+    only = categories or s.categories
+    if categories and s.categories:
+        outside = [c for c in categories if c not in s.categories]
+        if outside:
+            raise InputError(f"{exp.path}: category {outside[0]!r} is not among the experiment's categories")
+    by_cat = scan_dataset(exp.dataset, only)
+    prompts = load_prompts(exp.prompts)
+    _check_prompt_names(exp, prompts, scan_dataset(exp.dataset) if only else by_cat)
+
+    videos = [v for vs in by_cat.values() for v in vs]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # reading 2 MiB per video is I/O-bound
+        cids = list(pool.map(lambda v: _cid(v.path), videos))
+    video_cid = dict(zip((v.path for v in videos), cids))
+
+    common = hashlib.sha256(json.dumps(_common_fields(exp), sort_keys=True).encode()).hexdigest()
+    motion = s.mode == "motion"
+    samples: list[Sample] = []
+    for cat, vids in by_cat.items():
+        for v in vids:
+            plist = prompts.for_video(cat, v.name)
+            if plist is None:
+                raise InputError(f"{exp.prompts}: no prompts for video {v.name!r} of category {cat!r} ({v.path})")
+            cid = video_cid[v.path] if motion else ""
+            folder = exp.output / cat / f"ref_{v.name}_{s.width}x{s.height}"
+            for pi, prompt in enumerate(plist):
+                head = json.dumps([common, cat, v.name, cid, prompt, pi], ensure_ascii=False)
+                for seed in s.seeds:
+                    sid = hashlib.sha256(f"{head}{seed}".encode()).hexdigest()[:32]
+                    samples.append(
+                        Sample(sid, cat, v, video_cid[v.path], prompt, pi, seed, str(folder / f"seed_{seed}_prompt_{pi}.mp4"))
+                    )
+    return Plan(exp, samples, list(zip(videos, cids)))
+
+
+def _cid(path: Path) -> str:
+    try:
+        return content_id(path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read reference video: {e.strerror or e}") from None
+
+
+def _check_prompt_names(exp: LoadedExperiment, prompts, by_cat: dict[str, list[ReferenceVideo]]) -> None:
+    """Every video the prompts file names must exist (a typo would silently drop samples)."""
+    names = {(c, v.name) for c, vs in by_cat.items() for v in vs}
+    anywhere = {v for _, v in names}
+    for cat in prompts.categories():
+        if cat not in by_cat:
+            raise InputError(f"{exp.prompts}: names category {cat!r}, which has no folder in {exp.dataset}")
+    for cat, video in prompts.named_videos():
+        if (video not in anywhere) if cat is None else ((cat, video) not in names):
+            where = f"{exp.dataset}" if cat is None else f"{exp.dataset / cat}"
+            raise InputError(f"{exp.prompts}: names video {video!r}, which is not in {where}")
+
+
+def payloads(plan: Plan, todo: list[Sample], route: Callable[[Sample], str]) -> Iterator[tuple[Sample, str, str]]:
+    """(sample, queue, payload JSON) for each sample to publish.
+
+    The payload's constant part is serialised once; per sample only its own fields are,
+    which keeps 100,000 payloads well under a second.
+    """
+    exp, s = plan.experiment, plan.experiment.spec
+    const = {
+        "schema": VIDEO_SCHEMA,
+        "experiment": exp.name,
+        "negative_prompt": s.negative_prompt,
+        "mode": s.mode,
+        "denoising_strength": s.denoising_strength,
+        "width": s.width,
+        "height": s.height,
+        "frames": s.frames,
+        "fps": s.fps,
+        "steps": s.steps,
+        "cfg_scale": s.cfg_scale,
+        "tiled": s.tiled,
+        "model": exp.model.model_dump(),
+        "memory_mib": exp.memory_mib,
+        "attempt": 1,
+    }
+    head = json.dumps(const, ensure_ascii=False)[:-1]
+    dumps = json.dumps
+    for smp in todo:
+        tail = (
+            f',"sample_id":"{smp.sample_id}","category":{dumps(smp.category, ensure_ascii=False)}'
+            f',"video":{dumps(smp.video.name, ensure_ascii=False)},"video_path":{dumps(str(smp.video.path), ensure_ascii=False)}'
+            f',"prompt":{dumps(smp.prompt, ensure_ascii=False)},"prompt_index":{smp.prompt_index},"seed":{smp.seed}'
+            f',"output_path":{dumps(smp.output_path, ensure_ascii=False)}}}'
+        )
+        yield smp, route(smp), head + tail

@@ -1,0 +1,172 @@
+"""Durable sample records in Redis: done, failed, queued, running, leases.
+
+A sample is *done* when its id is in the done set **and** its output file exists (a
+record whose file has gone means not done). Records never expire. A running sample
+holds a lease (a key with a TTL, renewed by its worker's heartbeat); a running entry
+without a lease belongs to a dead worker and is published again by the reaper.
+
+Both sides use this module: the producer to skip done and in-flight samples and to
+count status, the workers to claim, finish and fail samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+from fleet.contract import CompletionRecord, FailureRecord, Keys, RunningEntry
+
+CHUNK = 10000
+
+
+@dataclass
+class Classified:
+    """Planned ids split by state. ``todo`` keeps the planned order."""
+
+    done: set[str]
+    queued: set[str]
+    running: set[str]
+    todo: list[int]  # indexes into the planned list
+
+
+def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Sequence[str]) -> Classified:
+    """Which planned samples are done (record and file), queued, running, or still to do."""
+    done: set[str] = set()
+    queued: set[str] = set()
+    running = {k.decode() for k in client.hkeys(keys.running)}
+    pipe = client.pipeline(transaction=False)
+    for i in range(0, len(ids), CHUNK):
+        chunk = list(ids[i : i + CHUNK])
+        pipe.smismember(keys.done, chunk)
+        pipe.hmget(keys.queued, chunk)
+    answers = pipe.execute()
+    todo: list[int] = []
+    for c, i in enumerate(range(0, len(ids), CHUNK)):
+        in_done, in_queue = answers[2 * c], answers[2 * c + 1]
+        for j, (d, q) in enumerate(zip(in_done, in_queue)):
+            k = i + j
+            sid = ids[k]
+            if d and os.path.exists(outputs[k]):
+                done.add(sid)
+            elif sid in running:
+                pass
+            elif q is not None:
+                queued.add(sid)
+            else:
+                todo.append(k)
+    return Classified(done, queued, running & set(ids), todo)
+
+
+def queued_value(experiment: str, category: str) -> str:
+    """What the queued hash holds per sample: enough for status without the payload."""
+    return json.dumps([experiment, category], ensure_ascii=False)
+
+
+# ---- worker side -----------------------------------------------------------------------------
+def is_done(client: redis.Redis, keys: Keys, sample_id: str, output_path: str) -> bool:
+    return bool(client.sismember(keys.done, sample_id)) and os.path.exists(output_path)
+
+
+def claim(client: redis.Redis, keys: Keys, entry: RunningEntry, sample_id: str, ttl_s: float) -> int | None:
+    """Take the lease of a sample; None when another live worker holds it.
+
+    Returns how many times the sample has now started (deliveries), counted here
+    because a task that kills its worker is redelivered forever otherwise (DESIGN §4).
+    """
+    if not client.set(keys.lease(sample_id), entry.token, nx=True, px=int(ttl_s * 1000)):
+        holder = client.get(keys.lease(sample_id))
+        if holder is not None and holder.decode() != entry.token:
+            return None
+    pipe = client.pipeline(transaction=True)
+    pipe.hincrby(keys.deliveries, sample_id, 1)
+    pipe.hset(keys.running, sample_id, entry.model_dump_json())
+    pipe.hdel(keys.queued, sample_id)
+    return int(pipe.execute()[0])
+
+
+def renew(client: redis.Redis, keys: Keys, sample_id: str, token: str, ttl_s: float) -> bool:
+    """Extend our lease; False when it is no longer ours (expired and taken)."""
+    script = client.register_script(
+        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
+        "elseif redis.call('exists', KEYS[1]) == 0 then return redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) and 1 "
+        "else return 0 end"
+    )
+    return bool(script(keys=[keys.lease(sample_id)], args=[token, int(ttl_s * 1000)]))
+
+
+def complete(client: redis.Redis, keys: Keys, record: CompletionRecord) -> None:
+    """Mark done (after the output file is in place) and drop the running state."""
+    sid = record.sample_id
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(keys.records, sid, record.model_dump_json(by_alias=True))
+    pipe.sadd(keys.done, sid)
+    pipe.hdel(keys.failed, sid)
+    pipe.hdel(keys.running, sid)
+    pipe.hdel(keys.deliveries, sid)
+    pipe.delete(keys.lease(sid))
+    pipe.execute()
+
+
+def fail(client: redis.Redis, keys: Keys, record: FailureRecord, final: bool) -> None:
+    """Record a failure; ``final`` also ends the running state (no retry follows)."""
+    sid = record.sample_id
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(keys.failed, sid, record.model_dump_json(by_alias=True))
+    pipe.hdel(keys.running, sid)
+    pipe.delete(keys.lease(sid))
+    if final:
+        pipe.hdel(keys.deliveries, sid)
+    pipe.execute()
+
+
+def release(client: redis.Redis, keys: Keys, sample_id: str) -> None:
+    """Give a sample back without a verdict (skipped duplicate)."""
+    client.hdel(keys.queued, sample_id)
+
+
+def orphans(client: redis.Redis, keys: Keys, ttl_s: float, now: float | None = None) -> list[tuple[str, RunningEntry]]:
+    """Running entries whose lease is gone: their worker died mid-sample."""
+    now = time.time() if now is None else now
+    entries = client.hgetall(keys.running)
+    if not entries:
+        return []
+    pipe = client.pipeline(transaction=False)
+    ids = [k.decode() for k in entries]
+    for sid in ids:
+        pipe.exists(keys.lease(sid))
+    alive = pipe.execute()
+    out = []
+    for sid, live in zip(ids, alive):
+        entry = RunningEntry.model_validate_json(entries[sid.encode()])
+        if not live and now - entry.started_at > ttl_s:
+            out.append((sid, entry))
+    return out
+
+
+def take_orphan(client: redis.Redis, keys: Keys, sample_id: str, queued: str, queue: str, message: bytes) -> bool:
+    """Move an orphan from running back to its queue, atomically; True for exactly one caller."""
+    script = client.register_script(
+        "if redis.call('exists', KEYS[3]) == 1 then return 0 end "
+        "if redis.call('hdel', KEYS[1], ARGV[1]) == 0 then return 0 end "
+        "redis.call('hset', KEYS[2], ARGV[1], ARGV[2]) redis.call('lpush', KEYS[4], ARGV[3]) return 1"
+    )
+    return bool(script(keys=[keys.running, keys.queued, keys.lease(sample_id), queue], args=[sample_id, queued, message]))
+
+def requeue(
+    client: redis.Redis, keys: Keys, sample_id: str, queue: str, message: bytes, queued: str, failure: FailureRecord | None
+) -> None:
+    """Atomically end a run and publish the sample again (a retry after a retryable error)."""
+    pipe = client.pipeline(transaction=True)
+    if failure is not None:
+        pipe.hset(keys.failed, sample_id, failure.model_dump_json(by_alias=True))
+    pipe.hdel(keys.running, sample_id)
+    pipe.hdel(keys.deliveries, sample_id)  # deliveries count crashes within one attempt
+    pipe.delete(keys.lease(sample_id))
+    pipe.hset(keys.queued, sample_id, queued)
+    pipe.lpush(queue, message)
+    pipe.execute()

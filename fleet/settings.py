@@ -1,0 +1,145 @@
+"""The one typed settings object of the fleet.
+
+Sources, highest precedence first: explicit overrides (CLI flags), ``FLEET_*``
+environment variables, the config file (``--config`` or ``FLEET_CONFIG``; YAML or
+JSON), the defaults below. Unknown keys are rejected in the file and in the
+environment alike, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from fleet.errors import ConfigError
+
+ENV_PREFIX = "FLEET_"
+CONFIG_ENV = "FLEET_CONFIG"
+# Environment variables with the prefix that are not settings fields.
+_NON_SETTING_ENV = {CONFIG_ENV, "FLEET_FAKE_GPUS", "FLEET_WORKER_GPUS"}
+
+
+class FleetSettings(BaseSettings):
+    """Everything a fleet process needs to know; loaded once at the edge and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    broker_url: str | None = Field(
+        None, description="Redis URL (broker and records). None: `fleet up` starts an embedded redis-server."
+    )
+    namespace: str = Field("fleet", description="Prefix of every Redis key and queue; lets several fleets share one Redis.")
+    state_dir: Path = Field(Path("~/.fleet"), description="Pid files, the embedded Redis's data, the launcher's state.")
+    log_dir: Path | None = Field(None, description="One log file per process; default <state_dir>/logs.")
+    output_dir: Path | None = Field(None, description="Default output root for experiments that do not name one.")
+    embedded_redis_port: int = Field(6399, ge=1, le=65535)
+    flower_port: int = Field(5555, ge=1, le=65535)
+    flower_address: str = "127.0.0.1"
+    visibility_timeout_s: int = Field(
+        6 * 3600, ge=60, description="Redis redelivers an unacked task after this; keep it above the longest sample."
+    )
+    lease_ttl_s: float = Field(30.0, gt=0, description="A running sample's lease; a worker that stops renewing it is dead.")
+    heartbeat_s: float = Field(5.0, gt=0, description="How often a worker renews its lease and looks for dead ones.")
+    max_attempts: int = Field(3, ge=1, description="Attempts per sample for retryable errors (OOM, lost connection).")
+    max_deliveries: int = Field(
+        3, ge=1, description="Times a sample may start; one that keeps killing its worker fails after this many."
+    )
+    torch_threads: int = Field(1, ge=1, description="torch.set_num_threads per worker (CPU work; small hosts).")
+    worker_pool: Literal["threads", "solo"] = Field(
+        "threads", description="threads (one slot) keeps the worker answering control commands while a sample runs."
+    )
+
+    @field_validator("state_dir", "log_dir", "output_dir", mode="after")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser()
+
+    @property
+    def logs(self) -> Path:
+        """The log folder, resolved."""
+        return self.log_dir if self.log_dir is not None else self.state_dir / "logs"
+
+    @property
+    def embedded_broker_url(self) -> str:
+        return f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+
+    @property
+    def effective_broker_url(self) -> str:
+        """The configured broker, or the embedded one `fleet up` starts."""
+        return self.broker_url or self.embedded_broker_url
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The config file named by the loader (or FLEET_CONFIG); lower precedence than env."""
+
+    path: Path | None = None  # set by load_settings for the duration of one load
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return read_config_file(_FileSource.path) if _FileSource.path else {}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML or JSON mapping from ``path``; ConfigError with the file's name otherwise."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from e
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml and json errors both carry the position in str(e)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config file must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def _check_env_names() -> None:
+    fields = {f"{ENV_PREFIX}{name}".upper() for name in FleetSettings.model_fields}
+    unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in fields and k not in _NON_SETTING_ENV)
+    if unknown:
+        raise ConfigError(f"environment: unknown fleet setting {unknown[0]} (known: {', '.join(sorted(fields))})")
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> FleetSettings:
+    """Load the settings: overrides > FLEET_* env > config file > defaults.
+
+    Raises ConfigError with one line naming the source and the field at fault.
+    """
+    path = Path(config) if config else (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    _check_env_names()
+    _FileSource.path = path.expanduser() if path else None
+    try:
+        return FleetSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        source = str(path) if path else "settings"
+        raise ConfigError(f"{source}: {where}: {err['msg']}") from e
+    finally:
+        _FileSource.path = None

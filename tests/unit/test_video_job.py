@@ -1,0 +1,177 @@
+"""workers.video_job with the tiny Wan model on CPU: loading, t2v, motion transfer, atomic writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffsynth")
+
+from fleet.contract import ModelSpec, VideoTask  # noqa: E402
+from fleet.errors import GpuOutOfMemory, InputError, ModelLoadError  # noqa: E402
+from tests.media import read_frames  # noqa: E402
+from workers import video_job  # noqa: E402
+from workers.reference_video import load_frames  # noqa: E402
+from workers.tiny_model import spec_from_dir  # noqa: E402
+from workers.video_job import VideoResult, run_video_sample  # noqa: E402
+from workers.wan_model import ModelCache  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_model_dir: Path) -> ModelSpec:
+    return spec_from_dir(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def cache() -> ModelCache:
+    """One cache for the module, as in a worker: the model loads once."""
+    return ModelCache()
+
+
+def make_task(spec: ModelSpec, out: Path, **fields: Any) -> VideoTask:
+    values: dict[str, Any] = dict(
+        sample_id="s" + out.stem, experiment="exp", category="cat", video="ref", video_path="",
+        prompt="a red balloon 红色气球", prompt_index=0, negative_prompt="blurry", seed=42, mode="t2v",
+        denoising_strength=1.0, width=96, height=64, frames=9, fps=15, steps=2, cfg_scale=5.0,
+        model=spec, output_path=str(out),
+    )
+    values.update(fields)
+    return VideoTask(**values)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp.mp4"))
+
+
+# ---- model cache --------------------------------------------------------------------------
+def test_cache_loads_once_offline(spec: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # diffsynth's default paths are relative: ./models must not appear
+    cache = ModelCache()
+    pipe, loaded, load_s = cache.get(spec, "cpu")
+    assert loaded and load_s > 0 and cache.resident
+    assert pipe.dit is not None and pipe.text_encoder is not None and pipe.vae is not None and pipe.dit2 is None
+    again, loaded2, load_s2 = cache.get(spec, "cpu")
+    assert again is pipe and not loaded2 and load_s2 == 0.0
+    # Another model (here: the same files under another name) replaces the resident one.
+    other, loaded3, _ = cache.get(spec.model_copy(update={"name": "wan-tiny-b"}), "cpu")
+    assert loaded3 and other is not pipe
+    assert not (tmp_path / "models").exists()
+
+
+def test_cache_missing_file_names_the_path(spec: ModelSpec, tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.safetensors")
+    with pytest.raises(ModelLoadError, match="nope.safetensors"):
+        ModelCache().get(spec.model_copy(update={"vae": missing}), "cpu")
+
+
+def test_cache_unrecognised_weights(spec: ModelSpec, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    odd = tmp_path / "odd.safetensors"
+    save_file({"not.a.wan.layer": torch.zeros(3, 5)}, str(odd))
+    with pytest.raises(ModelLoadError, match="unrecognised"):
+        ModelCache().get(spec.model_copy(update={"dit": [str(odd)]}), "cpu")
+
+
+# ---- samples ------------------------------------------------------------------------------
+def test_t2v_sample_writes_requested_video(spec: ModelSpec, cache: ModelCache, tmp_path: Path) -> None:
+    out = tmp_path / "cat" / "ref_x_96x64" / "seed_42_prompt_0.mp4"  # parent folders don't exist yet
+    result = run_video_sample(make_task(spec, out), cache, "cpu")
+    assert isinstance(result, VideoResult)
+    assert (result.output_path, result.frames, result.width, result.height) == (str(out), 9, 96, 64)
+    assert result.duration_s >= result.model_load_s >= 0.0
+    assert read_frames(out).shape == (9, 64, 96, 3)
+    assert leftovers(out.parent) == []
+
+
+def test_motion_sample_loops_a_short_reference(spec: ModelSpec, cache: ModelCache, tmp_path: Path, make_video) -> None:
+    ref = make_video(tmp_path / "ref.mp4", 5, 80, 48)  # 5 frames at another size, 9 needed
+    frames = load_frames(ref, 96, 64, 9)
+    assert len(frames) == 9 and all(f.size == (96, 64) and f.mode == "RGB" for f in frames)
+    assert np.array_equal(np.asarray(frames[5]), np.asarray(frames[0]))  # frame 5 loops to frame 0
+    out = tmp_path / "motion.mp4"
+    task = make_task(spec, out, mode="motion", video_path=str(ref), denoising_strength=0.7)
+    result = run_video_sample(task, cache, "cpu")
+    assert result.frames == 9 and read_frames(out).shape == (9, 64, 96, 3)
+
+
+def test_motion_sample_with_bad_reference_is_input_error(spec: ModelSpec, cache: ModelCache, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("not a video")
+    out = tmp_path / "out.mp4"
+    with pytest.raises(InputError, match="bad.mp4: cannot decode video"):
+        run_video_sample(make_task(spec, out, mode="motion", video_path=str(bad)), cache, "cpu")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_same_seed_gives_identical_video(spec: ModelSpec, cache: ModelCache, tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a.mp4", tmp_path / "b.mp4", tmp_path / "c.mp4"
+    run_video_sample(make_task(spec, a), cache, "cpu")
+    run_video_sample(make_task(spec, b), cache, "cpu")
+    run_video_sample(make_task(spec, c, seed=142), cache, "cpu")
+    assert np.array_equal(read_frames(a), read_frames(b))
+    assert a.read_bytes() == b.read_bytes()  # identical frames encode to identical bytes
+    assert not np.array_equal(read_frames(a), read_frames(c))
+
+
+@pytest.mark.parametrize("fields", [{"width": 72}, {"height": 40}, {"frames": 8}])
+def test_invalid_shape_is_refused_before_loading(spec: ModelSpec, tmp_path: Path, fields: dict) -> None:
+    cache = ModelCache()
+    with pytest.raises(InputError, match="not"):
+        run_video_sample(make_task(spec, tmp_path / "x.mp4", **fields), cache, "cpu")
+    assert not cache.resident
+
+
+# ---- failures leave nothing behind --------------------------------------------------------
+def test_failing_pipeline_leaves_no_file(
+    spec: ModelSpec, cache: ModelCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(task: VideoTask, pipe: Any) -> list:
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(video_job, "_generate", boom)
+    out = tmp_path / "out.mp4"
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_video_sample(make_task(spec, out), cache, "cpu")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_failing_write_leaves_no_file(
+    spec: ModelSpec, cache: ModelCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import diffsynth.utils.data
+
+    def half_write(frames: list, save_path: str, fps: int, quality: int = 9, ffmpeg_params: Any = None) -> None:
+        Path(save_path).write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 1000)  # a partial mp4
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(diffsynth.utils.data, "save_video", half_write)
+    out = tmp_path / "out.mp4"
+    with pytest.raises(OSError, match="disk full"):
+        run_video_sample(make_task(spec, out), cache, "cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_of_memory_becomes_retryable(
+    spec: ModelSpec, cache: ModelCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def oom(task: VideoTask, pipe: Any) -> list:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    class ResidentOnGpu:  # pretends the model is resident on a GPU this machine doesn't have
+        def get(self, spec: ModelSpec, device: str) -> tuple[Any, bool, float]:
+            return cache.get(spec, "cpu")[0], False, 0.0
+
+    monkeypatch.setattr(video_job, "_generate", oom)
+    out = tmp_path / "out.mp4"
+    with pytest.raises(GpuOutOfMemory) as info:
+        run_video_sample(make_task(spec, out, memory_mib=30000), ResidentOnGpu(), "cuda:0")  # type: ignore[arg-type]
+    assert info.value.retryable
+    assert "30000 MiB" in str(info.value) and "cuda:0" in str(info.value)
+    assert not out.exists()

@@ -1,0 +1,78 @@
+"""The worker's heartbeat thread: renews the running sample's lease, advertises the
+worker (for `fleet gpus` and status), and publishes again the samples of dead workers.
+
+It is a plain thread of the worker process, so it runs while a sample computes, with
+the solo pool too (Celery's own heartbeats do not).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+
+from fleet import records
+from fleet.contract import TASK_VIDEO, Keys, WorkerEntry
+from fleet.publisher import encode_message
+from workers.runner import SampleRunner
+
+log = logging.getLogger("fleet.worker")
+
+
+class Heartbeat(threading.Thread):
+    def __init__(self, runner: SampleRunner, queues: list[str]) -> None:
+        super().__init__(name="fleet-heartbeat", daemon=True)
+        self.runner = runner
+        self.queues = queues
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        s = self.runner.settings
+        while not self.stop_event.is_set():
+            try:
+                self.beat()
+                self.reap()
+            except Exception:  # Redis restarting, network blip: try again next beat
+                log.warning("heartbeat failed", exc_info=True)
+            self.stop_event.wait(s.heartbeat_s)
+
+    def beat(self) -> None:
+        r, s, keys = self.runner.client, self.runner.settings, self.runner.keys
+        with self.runner.lock:
+            cur = self.runner.current
+        if cur is not None and not records.renew(r, keys, cur.sample_id, cur.token, s.lease_ttl_s):
+            log.warning("lost the lease of %s to another worker", cur.sample_id)
+        entry = WorkerEntry(
+            name=self.runner.worker,
+            hostname=self.runner.hostname,
+            pid=os.getpid(),
+            gpu=self.runner.gpu,
+            queues=self.queues,
+            sample_id=cur.sample_id if cur else None,
+            category=cur.category if cur else None,
+            seen_at=time.time(),
+        )
+        r.hset(keys.workers, self.runner.worker, entry.model_dump_json())
+
+    def reap(self) -> None:
+        """Publish again every sample whose worker died (its lease expired)."""
+        r, s, keys = self.runner.client, self.runner.settings, self.runner.keys
+        if not r.set(keys.reaper_lock, self.runner.worker, nx=True, px=int(s.heartbeat_s * 1000)):
+            return
+        for sid, entry in records.orphans(r, keys, s.lease_ttl_s):
+            task = entry.task
+            queued = records.queued_value(str(task.get("experiment", "?")), str(task.get("category", "?")))
+            label = f"{task.get('category')}/{task.get('video')} seed {task.get('seed')} (orphaned by {entry.worker})"
+            msg = encode_message(TASK_VIDEO, json.dumps(task, ensure_ascii=False), entry.queue, label)
+            if records.take_orphan(r, keys, sid, queued, entry.queue, msg):
+                log.warning("sample %s: worker %s died mid-sample; published it again", sid, entry.worker)
+
+    def shutdown(self) -> None:
+        self.stop_event.set()
+        try:
+            self.runner.client.hdel(Keys(self.runner.settings.namespace).workers, self.runner.worker)
+        except Exception:
+            pass
+

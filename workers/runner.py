@@ -1,0 +1,186 @@
+"""Running one delivered sample: claim it, run the job, record the outcome.
+
+Plain code (no celery): the Celery task hands over the payload and the queue it came
+from. Duplicate deliveries are harmless: a sample that is done is skipped, and one whose
+lease another live worker holds is skipped, so no sample runs twice at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+from pydantic import ValidationError
+
+from fleet import records
+from fleet.contract import TASK_VIDEO, CompletionRecord, FailureRecord, Keys, RunningEntry, VideoTask
+from fleet.errors import FleetError, GpuOutOfMemory, PermanentError
+from fleet.publisher import encode_message
+from fleet.settings import FleetSettings
+
+log = logging.getLogger("fleet.worker")
+
+
+@dataclass
+class Current:
+    """The sample this worker is running, for the heartbeat thread."""
+
+    sample_id: str
+    token: str
+    category: str
+
+
+class SampleRunner:
+    """Runs samples for one worker process; holds the resident model cache."""
+
+    def __init__(
+        self,
+        settings: FleetSettings,
+        client: redis.Redis,
+        worker: str,
+        gpu: str,
+        device: str,
+        oom_route: Callable[[VideoTask, str], str | None] | None = None,
+    ) -> None:
+        """``oom_route(task, queue)`` names the queue of the next larger memory class, if any."""
+        self.oom_route = oom_route
+        self.settings = settings
+        self.client = client
+        self.keys = Keys(settings.namespace)
+        self.worker = worker
+        self.gpu = gpu
+        self.device = device
+        self.hostname = socket.gethostname()
+        self.current: Current | None = None
+        self.lock = threading.Lock()
+        self._cache = None  # the model cache is created on first use: it imports torch
+
+    def _job(self):
+        from workers.video_job import run_video_sample  # torch and diffsynth load here, once
+        from workers.wan_model import ModelCache
+
+        if self._cache is None:
+            self._cache = ModelCache()
+        return run_video_sample, self._cache
+
+    def run(self, payload: object, queue: str) -> str:
+        """Run one delivered payload; returns the outcome (done, failed, retried, skipped-*)."""
+        try:
+            task = VideoTask.model_validate(payload)
+        except ValidationError as e:
+            sid = payload.get("sample_id", "?") if isinstance(payload, dict) else "?"
+            err = e.errors()[0]
+            msg = f"invalid payload: {'.'.join(map(str, err['loc']))}: {err['msg']}"
+            self._fail(sid, payload, PermanentError(msg), attempt=1, final=True)
+            return "failed"
+        sid = task.sample_id
+        if records.is_done(self.client, self.keys, sid, task.output_path):
+            log.info("sample %s already done (%s); skipping duplicate delivery", sid, task.output_path)
+            records.release(self.client, self.keys, sid)
+            return "skipped-done"
+        token = uuid.uuid4().hex
+        entry = RunningEntry(task=task.model_dump(by_alias=True), queue=queue, worker=self.worker, token=token, started_at=time.time())
+        deliveries = records.claim(self.client, self.keys, entry, sid, self.settings.lease_ttl_s)
+        if deliveries is None:
+            log.info("sample %s is running on another worker; skipping duplicate delivery", sid)
+            return "skipped-running"
+        with self.lock:
+            self.current = Current(sid, token, task.category)
+        try:
+            if deliveries > self.settings.max_deliveries:
+                msg = f"started {deliveries - 1} times and its worker died each time; not starting it again"
+                self._fail(sid, entry.task, PermanentError(msg), task.attempt, final=True, category=task.category)
+                return "failed"
+            return self._execute(task, queue, deliveries)
+        finally:
+            with self.lock:
+                self.current = None
+
+    def _execute(self, task: VideoTask, queue: str, deliveries: int) -> str:
+        run_video_sample, cache = self._job()
+        t0 = time.monotonic()
+        log.info("start %s: %s/%s seed %d prompt %d (attempt %d)", task.sample_id, task.category, task.video, task.seed, task.prompt_index, task.attempt)
+        try:
+            result = run_video_sample(task, cache, self.device)
+        except Exception as e:  # classified below; the worker itself must survive any sample
+            return self._on_error(task, queue, e)
+        record = CompletionRecord(
+            sample_id=task.sample_id,
+            experiment=task.experiment,
+            category=task.category,
+            output_path=result.output_path,
+            duration_s=round(time.monotonic() - t0, 4),
+            worker=self.worker,
+            hostname=self.hostname,
+            gpu=self.gpu,
+            attempt=task.attempt,
+            deliveries=deliveries,
+            model_loaded=result.model_loaded,
+            model_load_s=round(result.model_load_s, 4),
+            finished_at=time.time(),
+        )
+        records.complete(self.client, self.keys, record)
+        log.info(
+            "done %s in %.2fs (model %s) -> %s",
+            task.sample_id, record.duration_s,
+            f"loaded in {record.model_load_s:.2f}s" if record.model_loaded else "resident", record.output_path,
+        )
+        return "done"
+
+    def _on_error(self, task: VideoTask, queue: str, e: Exception) -> str:
+        retryable = isinstance(e, FleetError) and e.retryable
+        if retryable and task.attempt < self.settings.max_attempts:
+            nxt = task.model_copy(update={"attempt": task.attempt + 1})
+            target = self._retry_queue(task, queue, e)
+            failure = self._failure(task.sample_id, task.model_dump(by_alias=True), e, task.attempt, task.category)
+            msg = encode_message(
+                TASK_VIDEO, nxt.to_json(), target,
+                f"{task.category}/{task.video} seed {task.seed} prompt {task.prompt_index} (attempt {nxt.attempt})",
+            )
+            records.requeue(
+                self.client, self.keys, task.sample_id, target, msg,
+                records.queued_value(task.experiment, task.category), failure,
+            )
+            log.warning("retry %s (attempt %d -> %d) on %s: %s", task.sample_id, task.attempt, nxt.attempt, target, e)
+            return "retried"
+        self._fail(task.sample_id, task.model_dump(by_alias=True), e, task.attempt, final=True, category=task.category)
+        log.error("failed %s (%s): %s", task.sample_id, type(e).__name__, e)
+        return "failed"
+
+    def _retry_queue(self, task: VideoTask, queue: str, e: Exception) -> str:
+        """Where the next attempt goes: the same queue, or the next memory class on OOM."""
+        if isinstance(e, GpuOutOfMemory) and self.oom_route is not None:
+            return self.oom_route(task, queue) or queue
+        return queue
+
+    def _failure(self, sid: str, payload: object, e: BaseException, attempt: int, category: str) -> FailureRecord:
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        experiment = payload.get("experiment", "?") if isinstance(payload, dict) else "?"
+        return FailureRecord(
+            sample_id=sid,
+            experiment=str(experiment),
+            category=category,
+            error_type=type(e).__name__,
+            message=str(e)[:2000],
+            traceback_tail="\n".join(tb.strip().splitlines()[-12:]),
+            retryable=isinstance(e, FleetError) and e.retryable,
+            attempt=attempt,
+            worker=self.worker,
+            hostname=self.hostname,
+            gpu=self.gpu,
+            failed_at=time.time(),
+        )
+
+    def _fail(self, sid: str, payload: object, e: BaseException, attempt: int, final: bool, category: str | None = None) -> None:
+        cat = category or (str(payload.get("category", "?")) if isinstance(payload, dict) else "?")
+        records.fail(self.client, self.keys, self._failure(sid, payload, e, attempt, cat), final=final)
+        if isinstance(payload, dict):
+            records.release(self.client, self.keys, sid)
+

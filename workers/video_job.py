@@ -1,0 +1,154 @@
+"""One video sample: Wan text-to-video or motion transfer, written atomically as an mp4.
+
+Job code only: no Celery here. The task wrapper validates the payload, calls
+``run_video_sample`` and records the outcome; errors come out as fleet.errors types
+(InputError, ModelLoadError, GpuOutOfMemory) or as whatever else went wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fleet.contract import VideoTask
+from fleet.errors import GpuOutOfMemory, InputError
+from workers.reference_video import load_frames
+from workers.wan_model import ModelCache, is_out_of_memory, release_cuda_memory
+
+log = logging.getLogger("fleet.job")
+
+# imageio-ffmpeg's 0-10 scale (libx264 CRF-like); 8 keeps fine motion detail at a few MB per
+# 832x480x81 sample. Changing it changes outputs, so it is a constant, not a knob.
+VIDEO_QUALITY = 8
+SIZE_FACTOR = 16  # Wan2.1's VAE (8x) times the DiT's 2x2 patch: width and height multiples of this
+FRAME_FACTOR = 4  # the VAE compresses time 4x after the first frame: frames = 4k + 1
+
+
+@dataclass(frozen=True)
+class VideoResult:
+    """What a finished sample reports back for its completion record."""
+
+    output_path: str  # the final mp4, in place
+    model_loaded: bool  # whether this sample paid for loading the model
+    model_load_s: float  # seconds spent loading the model (0.0 when it was resident)
+    duration_s: float  # wall seconds of the whole sample, model load included
+    frames: int  # frames written
+    width: int  # pixels
+    height: int  # pixels
+
+
+def _check_shape(task: VideoTask, size_factor: int = SIZE_FACTOR, frame_factor: int = FRAME_FACTOR) -> None:
+    """Refuse sizes diffsynth would silently round up: the output would not be what was asked."""
+    faults = []
+    if task.width % size_factor or task.height % size_factor:
+        faults.append(f"size {task.width}x{task.height} is not a multiple of {size_factor}")
+    if task.frames % frame_factor != 1:
+        faults.append(f"frames {task.frames} is not {frame_factor}k+1")
+    if faults:
+        raise InputError(f"sample {task.sample_id} ({task.output_path}): {'; '.join(faults)}")
+
+
+def _no_progress(iterable: Any) -> Any:
+    """Progress-bar stand-in: the worker reports progress through records, not tqdm on stderr."""
+    return iterable
+
+
+def _generate(task: VideoTask, pipe: Any) -> list[Any]:
+    """Run the pipeline for ``task``; returns the frames as PIL images."""
+    kwargs: dict[str, Any] = {}
+    if task.mode == "motion":
+        # diffsynth needs exactly num_frames frames at the output size; load_frames cuts or loops.
+        kwargs["input_video"] = load_frames(Path(task.video_path), task.width, task.height, task.frames)
+        kwargs["denoising_strength"] = task.denoising_strength
+    return pipe(
+        prompt=task.prompt,
+        negative_prompt=task.negative_prompt,
+        seed=task.seed,
+        num_inference_steps=task.steps,
+        cfg_scale=task.cfg_scale,
+        height=task.height,
+        width=task.width,
+        num_frames=task.frames,
+        tiled=task.tiled,
+        progress_bar_cmd=_no_progress,
+        **kwargs,
+    )
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_video_atomically(frames: list[Any], final: Path, fps: int) -> None:
+    """Write ``frames`` as an mp4 at ``final``: complete file or none.
+
+    Written to ``.<name>.<random>.tmp.mp4`` in the same folder (hidden; same filesystem so
+    the rename is atomic; ``.mp4`` so the writer picks the container), flushed to disk,
+    then renamed over ``final``. On any error the temp file is removed. A SIGKILL can
+    leave a hidden temp file behind, but never a partial file at ``final``.
+    """
+    from diffsynth.utils.data import save_video
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp.mp4"
+    try:
+        save_video(frames, str(tmp), fps=fps, quality=VIDEO_QUALITY)
+        _fsync_path(tmp)  # data on disk before the name points at it
+        os.replace(tmp, final)
+        _fsync_path(final.parent)  # the rename itself survives a crash
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def run_video_sample(task: VideoTask, cache: ModelCache, device: str) -> VideoResult:
+    """Generate one sample and write it to ``task.output_path``.
+
+    ``device`` is a torch device string ("cuda", "cuda:0", "cpu"). The model comes from
+    ``cache`` (loaded on first use, kept afterwards).
+
+    Raises InputError for an invalid size or reference video, ModelLoadError for bad
+    model files, GpuOutOfMemory when CUDA runs out of memory; other errors propagate.
+    """
+    start = time.perf_counter()
+    _check_shape(task)  # before loading: a bad task must not cost a model load
+    final = Path(task.output_path)
+    pipe, loaded, load_s = cache.get(task.model, device)
+    if loaded:
+        log.info("sample %s: loaded model %s on %s in %.2f s", task.sample_id, task.model.name, device, load_s)
+    else:
+        log.info("sample %s: model %s resident on %s", task.sample_id, task.model.name, device)
+    # The loaded VAE decides the real factors (Wan2.2's VAE needs multiples of 32).
+    _check_shape(task, max(SIZE_FACTOR, pipe.height_division_factor, pipe.width_division_factor))
+
+    try:
+        frames = _generate(task, pipe)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        release_cuda_memory(device)  # leave the GPU usable for the next, perhaps smaller, sample
+        need = f"{task.memory_mib} MiB declared" if task.memory_mib else "no memory declared"
+        raise GpuOutOfMemory(
+            f"sample {task.sample_id} ({task.width}x{task.height}x{task.frames}, {need}) ran out of GPU memory on {device}"
+        ) from exc
+
+    write_video_atomically(frames, final, task.fps)
+    duration_s = time.perf_counter() - start
+    width, height = frames[0].size
+    log.info(
+        "sample %s: wrote %s (%d frames %dx%d) in %.2f s, model load %.2f s",
+        task.sample_id, final, len(frames), width, height, duration_s, load_s,
+    )
+    return VideoResult(
+        output_path=str(final), model_loaded=loaded, model_load_s=load_s, duration_s=duration_s,
+        frames=len(frames), width=width, height=height,
+    )
