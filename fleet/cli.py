@@ -68,7 +68,7 @@ def enqueue(ctx: click.Context, experiment: Path, categories: tuple[str, ...], d
     from fleet.experiment import load_experiment
 
     settings = settings_of(ctx)
-    exp = load_experiment(experiment)
+    exp = load_experiment(experiment, settings.output_dir)
     client = connect(settings)
     res = do_enqueue(client, settings.namespace, exp, list(categories) or None, dry_run=dry_run)
     if as_json:
@@ -127,7 +127,7 @@ def status(ctx: click.Context, experiment: Path | None, categories: tuple[str, .
     if experiment is not None:
         from fleet.experiment import load_experiment
 
-        st = experiment_status(client, settings.namespace, load_experiment(experiment), list(categories) or None)
+        st = experiment_status(client, settings.namespace, load_experiment(experiment, settings.output_dir), list(categories) or None)
     else:
         st = global_status(client, settings.namespace)
     d = st.as_dict()
@@ -181,7 +181,7 @@ def make_tiny_model(directory: Path) -> None:
     # package never imports them.
     rc = subprocess.call([sys.executable, "-m", "workers.tiny_model", str(directory)])
     if rc:
-        _fail(f"{directory}: building the tiny model failed (exit {rc})")
+        sys.exit(rc)  # the builder said why, in one line
 
 
 @main.command()

@@ -109,7 +109,7 @@ def run_demo(settings: FleetSettings, directory: Path, n_workers: int) -> None:
     directory = directory.resolve()
     click.echo(f"building the demo in {directory} (tiny model, 4 categories of reference videos) ...")
     exp_path = build_demo(directory)
-    exp = load_experiment(exp_path)
+    exp = load_experiment(exp_path, settings.output_dir)
     has_gpu = bool(inventory_from_env().snapshot())
     info = up(settings, cpu_workers=None if has_gpu else n_workers)
     click.echo(info.describe())

@@ -80,7 +80,7 @@ class VideoExperiment(BaseModel):
     tiled: bool = True
     memory_mib: int | None = Field(None, ge=0, description="GPU memory a sample needs (default: the model's)")
     model: ModelEntry
-    output: str = "results"
+    output: str | None = Field(None, description="Output root (default: the settings' output_dir/<name>, else results/)")
 
     @field_validator("width", "height")
     @classmethod
@@ -181,8 +181,11 @@ def _model_spec(path: Path, base: Path, entry: ModelEntry) -> tuple[ModelSpec, i
         raise InputError(f"{path}: model: {e}") from None
 
 
-def load_experiment(path: Path | str) -> LoadedExperiment:
-    """Read and validate an experiment file; InputError (one line, file and field) on any fault."""
+def load_experiment(path: Path | str, default_output: Path | None = None) -> LoadedExperiment:
+    """Read and validate an experiment file; InputError (one line, file and field) on any fault.
+
+    ``default_output`` (the settings' output_dir) holds ``<name>/`` when the file names no output.
+    """
     path = Path(path).expanduser()
     data = _load_mapping(path)
     kind = data.get("kind")
@@ -201,13 +204,18 @@ def load_experiment(path: Path | str) -> LoadedExperiment:
     if not dataset.is_dir():
         raise InputError(f"{path}: dataset: folder {dataset} not found")
     prompts = _resolve(base, spec.prompts).resolve()
+    name = spec.name or path.stem
+    if spec.output is not None:
+        output = _resolve(base, spec.output)
+    else:
+        output = default_output.expanduser() / name if default_output is not None else base / "results"
     return LoadedExperiment(
         path=path.resolve(),
-        name=spec.name or path.stem,
+        name=name,
         spec=spec,
         dataset=dataset,
         prompts=prompts,
-        output=_resolve(base, spec.output).resolve(),
+        output=output.resolve(),
         model=model,
         memory_mib=spec.memory_mib if spec.memory_mib is not None else (model_memory or 0),
     )

@@ -66,9 +66,8 @@ class GpuSnapshot(BaseModel):
     @model_validator(mode="after")
     def _memory_fits(self) -> GpuSnapshot:
         if self.memory_used_mib > self.memory_total_mib or self.memory_free_mib > self.memory_total_mib:
-            raise ValueError(
-                f"memory used {self.memory_used_mib} / free {self.memory_free_mib} MiB exceed total {self.memory_total_mib} MiB"
-            )
+            used, free, total = self.memory_used_mib, self.memory_free_mib, self.memory_total_mib
+            raise ValueError(f"memory used {used} / free {free} MiB exceed total {total} MiB")
         return self
 
     @property
@@ -93,7 +92,7 @@ class Inventory(abc.ABC):
     def snapshot(self) -> list[GpuSnapshot]:
         """Every GPU of the host now, sorted by index; [] when there are none."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook; most inventories hold nothing
         """Release whatever the inventory holds (NVML handle)."""
 
     def __enter__(self) -> Inventory:
@@ -132,6 +131,15 @@ def _proc_name(pid: int) -> str | None:
     try:
         return Path(f"/proc/{pid}/comm").read_text(encoding="utf-8", errors="replace").strip() or None
     except OSError:
+        return None
+
+
+def _try(nvml: Any, fn: Callable[..., T], *args: Any) -> T | None:
+    """fn(*args), or None where the driver does not support it: one unsupported query (power on
+    some boards, utilisation under MIG) costs only its own field, never the snapshot."""
+    try:
+        return fn(*args)
+    except nvml.NVMLError:
         return None
 
 
@@ -187,13 +195,8 @@ class NvmlInventory(Inventory):
         return snaps
 
     def _device(self, nvml: Any, index: int) -> GpuSnapshot | None:
-        def field(fn: Callable[[], T]) -> T | None:
-            # One unsupported query (power on some boards, utilisation under MIG) must cost
-            # only its own field, never the snapshot.
-            try:
-                return fn()
-            except nvml.NVMLError:
-                return None
+        def field(fn: Callable[..., T], *args: Any) -> T | None:
+            return _try(nvml, fn, *args)
 
         try:
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
@@ -203,33 +206,34 @@ class NvmlInventory(Inventory):
             # report invented numbers.
             log.warning("GPU %d: NVML gives no handle or memory info (%s): left out", index, e)
             return None
-        util = field(lambda: nvml.nvmlDeviceGetUtilizationRates(handle))
-        power_mw = field(lambda: nvml.nvmlDeviceGetPowerUsage(handle))
-        limit_mw = field(lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle))
+        util = field(nvml.nvmlDeviceGetUtilizationRates, handle)
+        power_mw = field(nvml.nvmlDeviceGetPowerUsage, handle)
+        limit_mw = field(nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
+        temp = field(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
         return GpuSnapshot(
             index=index,
-            uuid=_text(field(lambda: nvml.nvmlDeviceGetUUID(handle)) or f"unknown-{index}"),
-            name=_text(field(lambda: nvml.nvmlDeviceGetName(handle)) or "unknown"),
+            uuid=_text(field(nvml.nvmlDeviceGetUUID, handle) or f"unknown-{index}"),
+            name=_text(field(nvml.nvmlDeviceGetName, handle) or "unknown"),
             memory_total_mib=int(mem.total) // _MIB,
             memory_used_mib=int(mem.used) // _MIB,
             memory_free_mib=int(mem.free) // _MIB,
             utilization_pct=None if util is None else int(util.gpu),
             power_w=None if power_mw is None else power_mw / 1000.0,
             power_limit_w=None if limit_mw is None else limit_mw / 1000.0,
-            temperature_c=field(lambda: int(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))),
-            processes=self._processes(nvml, handle, field),
+            temperature_c=None if temp is None else int(temp),
+            processes=self._processes(nvml, handle),
         )
 
-    def _processes(self, nvml: Any, handle: Any, field: Callable[[Callable[[], Any]], Any]) -> tuple[GpuProcess, ...]:
+    def _processes(self, nvml: Any, handle: Any) -> tuple[GpuProcess, ...]:
         found: dict[int, GpuProcess] = {}
         # Graphics contexts hold memory too; a colleague's visualisation counts as usage.
         for query in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
-            for p in field(lambda q=query: q(handle)) or []:
+            for p in _try(nvml, query, handle) or []:
                 pid = int(p.pid)
                 if pid in found:
                     continue
                 used = getattr(p, "usedGpuMemory", None)  # None: NVML_VALUE_NOT_AVAILABLE (pynvml maps it)
-                nvml_name = field(lambda pid=pid: nvml.nvmlSystemGetProcessName(pid))
+                nvml_name = _try(nvml, nvml.nvmlSystemGetProcessName, pid)
                 found[pid] = GpuProcess(
                     pid=pid,
                     used_mib=None if used is None else int(used) // _MIB,

@@ -1,24 +1,21 @@
 """Placement policy: which GPUs the fleet may use, how many worker slots each gets, and which
-queues a GPU's workers consume. Pure functions over GpuSnapshots; no I/O.
+queues a GPU's workers consume. Pure functions over GpuSnapshots; no I/O. Memory in MiB.
+Section numbers (§) are seed 003's (the lab's scheduler); seed 000 is its GPU config.
 
-Memory is in MiB throughout. The rules follow the lab's scheduler (seed 003) and its GPU
-config (seed 000); section numbers below are seed 003's.
-
-Own workers. Processes whose pid is in ``own_pids`` (the fleet's workers on this host) are
-not colleagues: their memory counts as free and their utilisation as idle when judging a
-GPU, since the slots we compute include the workers already there. NVML reports memory
-per process but utilisation only per GPU, so utilisation is ours only when every listed
-process is ours. Memory not attributed to a listed process (driver overhead, processes
-in other containers, processes whose usage the driver hides) counts as colleagues', except
-on a GPU where every listed process is ours and some of them hide their usage. A GPU with
-own processes is "held": it stays usable while it passes the checks and is exempt from the
-reserve, as the seed's script never gives up a GPU it occupies (§4.2, §5.2).
+Own workers: processes whose pid is in ``own_pids`` are the fleet's, not colleagues'. Their
+memory counts as free and, when every process listed on a GPU is ours, the GPU's
+utilisation as idle (NVML gives utilisation per GPU, not per process), because the slots
+computed for a GPU include the workers already on it. Memory no listed process accounts
+for (driver overhead, other containers, hidden usage) is colleagues', unless every listed
+process is ours and some hide their usage. A GPU with own processes is "held": usable while
+it passes the checks and exempt from the reserve, as the seed's script never gives back a
+GPU it occupies (§4.2, §5.2).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence, Set
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator, model_validator
@@ -106,24 +103,19 @@ def required_free_mib(policy: PlacementPolicy) -> int:
 
 
 def max_usable(possible: int, reserve: int) -> int:
-    """Most GPUs the fleet can hold with ``possible`` qualifying GPUs and reserve k (§5.2).
-
-    Each evaluation leaves k of the free GPUs, except that when exactly k are free it
-    takes one (the special case). Repeated, as the seed's script repeats it, the fleet ends
-    up holding possible - k + 1; fewer than k qualifying GPUs means never any.
-    """
+    """Most GPUs the fleet can hold with ``possible`` qualifying GPUs and reserve k (§5.2): each
+    evaluation leaves k free GPUs but takes one when exactly k are free, so repeating it (as the
+    seed's script does) ends at possible - k + 1 held; fewer than k qualifying means never any."""
     if reserve == 0:
         return possible
     return possible - reserve + 1 if possible >= reserve else 0
 
 
 def _reserve_allows(free: int, reserve: int) -> int:
-    """§5.2: of ``free`` GPUs, how many to take now: < k none, = k one, > k all but k."""
-    if reserve == 0:
-        return free
+    """§5.2: of ``free`` GPUs, how many to take now: < k none, = k one (k > 0), > k all but k."""
     if free < reserve:
         return 0
-    return 1 if free == reserve else free - reserve
+    return 1 if free == reserve and reserve else free - reserve
 
 
 def check_feasible(snapshots: Sequence[GpuSnapshot], policy: PlacementPolicy) -> None:
@@ -133,14 +125,11 @@ def check_feasible(snapshots: Sequence[GpuSnapshot], policy: PlacementPolicy) ->
     """
     present = {s.index for s in snapshots}
     have = f"GPUs {sorted(present)}" if present else "no GPUs"
-    if policy.gpus != "all":
-        missing = [g for g in policy.gpus if g not in present]
-        if missing:
-            raise PlacementError(f"gpus lists GPU {missing[0]}, but this host has {have}")
-    for cat, pinned in policy.assignment.items():
-        missing = [g for g in pinned if g not in present]
-        if missing:
-            raise PlacementError(f"assignment pins {cat!r} to GPU {missing[0]}, but this host has {have}")
+    wanted = [("gpus lists", g) for g in ([] if policy.gpus == "all" else policy.gpus)]
+    wanted += [(f"assignment pins {cat!r} to", g) for cat, pinned in policy.assignment.items() for g in pinned]
+    for what, g in wanted:
+        if g not in present:
+            raise PlacementError(f"{what} GPU {g}, but this host has {have}")
     if not snapshots:
         return
     pool = [s for s in snapshots if _in_pool(s.index, policy)]
@@ -149,7 +138,8 @@ def check_feasible(snapshots: Sequence[GpuSnapshot], policy: PlacementPolicy) ->
     need = required_free_mib(policy)
     big = max(pool, key=lambda s: s.memory_total_mib)
     if need > big.memory_total_mib:
-        raise PlacementError(f"a GPU must have {_gib(need)} free, but the largest in the pool (GPU {big.index}) has {_gib(big.memory_total_mib)}")
+        has = _gib(big.memory_total_mib)
+        raise PlacementError(f"a GPU must have {_gib(need)} free, but the largest in the pool (GPU {big.index}) has {has}")
     possible = sum(s.memory_total_mib >= need for s in pool)
     if max_usable(possible, policy.reserve) == 0:
         raise PlacementError(f"reserve {policy.reserve} leaves no GPU: only {possible} GPUs can ever qualify")
@@ -188,6 +178,44 @@ def _slots(free_mib: int, policy: PlacementPolicy) -> tuple[int, str]:
     return min(fit, policy.max_slots_per_gpu), how
 
 
+def _judge(s: GpuSnapshot, policy: PlacementPolicy, own_pids: Set[int], need: int) -> Decision:
+    """One GPU against pool, exclude, free memory and exclusive idleness; the reserve comes later."""
+    used, util, mine, foreign = _colleague_use(s, own_pids)
+    free = s.memory_free_mib + (s.memory_used_mib - used)
+    possible = _in_pool(s.index, policy) and s.memory_total_mib >= need
+    common: dict[str, Any] = dict(index=s.index, free_mib=free, total_mib=s.memory_total_mib, held=bool(mine),
+                                  possible=possible)
+    head, util_txt = f"GPU {s.index}:", "util n/a" if util is None else f"util {util}%"
+    used_pct = 100.0 * used / s.memory_total_mib if s.memory_total_mib else 0.0
+    fail = None
+    if s.index in policy.exclude_gpus:
+        fail = f"{head} excluded (exclude_gpus)"
+    elif not _in_pool(s.index, policy):
+        fail = f"{head} not in the GPU pool {policy.gpus}"
+    elif free < need:
+        fail = f"{head} {_gib(free)} free < {_gib(need)} needed"
+    elif policy.mode == "exclusive" and policy.slots == "fixed":
+        # §13.2: utilisation 0 % and memory used < 3 %. Unknown utilisation counts as idle only
+        # when no foreign process is listed; else exclusive could never run on such a driver.
+        idle_util = util == 0 or (util is None and not foreign)
+        if not (idle_util and used_pct < policy.exclusive_max_used_pct):
+            fail = (f"{head} not idle for exclusive mode ({util_txt}, memory used {used_pct:.1f}%"
+                    f" vs < {policy.exclusive_max_used_pct:g}%)")
+    slots, how = _slots(free, policy) if fail is None else (0, "")
+    if fail is None and slots < 1:
+        fail = f"{head} room for no sample ({how})"
+    if fail is not None:
+        return Decision(usable=False, slots=0, reason=fail, **common)
+    note = f", memory used {used_pct:.1f}%" if policy.mode == "exclusive" else ""
+    if policy.mode == "exclusive" and policy.slots == "packed":
+        note += ", exclusive ignored: packed takes precedence"
+    if mine:
+        note += f"; held by fleet pids {','.join(map(str, mine))}"
+    plural = "s" if slots != 1 else ""
+    reason = f"{head} {_gib(free)} free >= {_gib(need)}, {util_txt}{note} -> {slots} slot{plural} ({how})"
+    return Decision(usable=True, slots=slots, reason=reason, **common)
+
+
 def eligible_gpus(
     snapshots: Sequence[GpuSnapshot], policy: PlacementPolicy, own_pids: Set[int] = frozenset()
 ) -> list[Decision]:
@@ -200,64 +228,27 @@ def eligible_gpus(
     """
     check_feasible(snapshots, policy)
     need = required_free_mib(policy)
-    out: dict[int, Decision] = {}
-    passing: list[Decision] = []
-    for s in snapshots:
-        used, util, mine, foreign = _colleague_use(s, own_pids)
-        free = s.memory_free_mib + (s.memory_used_mib - used)
-        common = dict(index=s.index, free_mib=free, total_mib=s.memory_total_mib, held=bool(mine),
-                      possible=_in_pool(s.index, policy) and s.memory_total_mib >= need)
-        head = f"GPU {s.index}:"
-        util_txt = "util n/a" if util is None else f"util {util}%"
-        used_pct = 100.0 * used / s.memory_total_mib if s.memory_total_mib else 0.0
-        fail = None
-        if s.index in policy.exclude_gpus:
-            fail = f"{head} excluded (exclude_gpus)"
-        elif not _in_pool(s.index, policy):
-            fail = f"{head} not in the GPU pool {policy.gpus}"
-        elif free < need:
-            fail = f"{head} {_gib(free)} free < {_gib(need)} needed"
-        elif policy.mode == "exclusive" and policy.slots == "fixed":
-            # §13.2: utilisation 0 % and memory used < 3 %. Unknown utilisation counts as idle
-            # only when no foreign process is listed, else exclusive would never work there.
-            idle_util = util == 0 or (util is None and not foreign)
-            if not (idle_util and used_pct < policy.exclusive_max_used_pct):
-                fail = f"{head} not idle for exclusive mode ({util_txt}, memory used {used_pct:.1f}% vs < {policy.exclusive_max_used_pct:g}%)"
-        if fail is None:
-            slots, how = _slots(free, policy)
-            if slots < 1:
-                fail = f"{head} room for no sample ({how})"
-        if fail is not None:
-            out[s.index] = Decision(usable=False, slots=0, reason=fail, **common)
-            continue
-        note = f", memory used {used_pct:.1f}%" if policy.mode == "exclusive" else ""
-        if policy.mode == "exclusive" and policy.slots == "packed":
-            note += ", exclusive ignored: packed takes precedence"
-        if mine:
-            note += f"; held by fleet pids {','.join(map(str, mine))}"
-        reason = f"{head} {_gib(free)} free >= {_gib(need)}, {util_txt}{note} -> {slots} slot{'s' * (slots != 1)} ({how})"
-        passing.append(Decision(usable=True, slots=slots, reason=reason, **common))
-
-    by_free = sorted(passing, key=lambda d: (-d.free_mib, d.index))
+    judged = [_judge(s, policy, own_pids, need) for s in snapshots]
+    out = {d.index: d for d in judged if not d.usable}
+    by_free = sorted((d for d in judged if d.usable), key=lambda d: (-d.free_mib, d.index))
     free_gpus = [d for d in by_free if not d.held]
     take = _reserve_allows(len(free_gpus), policy.reserve)
     rule = f"reserve {policy.reserve}: {len(free_gpus)} free GPUs -> {take} usable"
     taken = {d.index for d in free_gpus[:take]}
     for d in by_free:
-        if d.held or d.index in taken:
-            out[d.index] = d if policy.reserve == 0 or d.held else _with(d, reason=f"{d.reason}; {rule}")
+        if d.held or policy.reserve == 0:
+            out[d.index] = d
+        elif d.index in taken:
+            out[d.index] = replace(d, reason=f"{d.reason}; {rule}")
         else:
-            out[d.index] = _with(d, usable=False, slots=0, reason=f"GPU {d.index}: left for colleagues ({rule})")
+            out[d.index] = replace(d, usable=False, slots=0, reason=f"GPU {d.index}: left for colleagues ({rule})")
     usable = [out[d.index] for d in by_free if out[d.index].usable]
-    rest = [out[i] for i in sorted(out) if not out[i].usable]
-    return usable + rest
+    return usable + [out[i] for i in sorted(out) if not out[i].usable]
 
 
-def _with(d: Decision, **changes: Any) -> Decision:
-    return Decision(**{**asdict(d), **changes})
-
-
-def choose_group(decisions: Sequence[Decision], n: int, policy: PlacementPolicy, memory_mib: int = 0) -> list[int] | None:
+def choose_group(
+    decisions: Sequence[Decision], n: int, policy: PlacementPolicy, memory_mib: int = 0
+) -> list[int] | None:
     """n usable GPUs with ``memory_mib`` free each, most free first (§13.1), in that order
     (``${available_gpu_0}`` is the first); None to wait; [] for n = 0 (a CPU task).
 
@@ -275,7 +266,8 @@ def choose_group(decisions: Sequence[Decision], n: int, policy: PlacementPolicy,
             f"a task needs {n} GPUs with {_gib(memory_mib)} each, but at most {most} can ever be usable here "
             f"({possible} qualify, reserve {policy.reserve})"
         )
-    fits = sorted((d for d in decisions if d.usable and d.free_mib >= memory_mib), key=lambda d: (-d.free_mib, d.index))
+    fits = [d for d in decisions if d.usable and d.free_mib >= memory_mib]
+    fits.sort(key=lambda d: (-d.free_mib, d.index))
     return [d.index for d in fits[:n]] if len(fits) >= n else None
 
 
@@ -316,9 +308,8 @@ def memory_class_for(memory_mib: int, classes: Iterable[int]) -> int:
     for c in ordered:
         if c >= memory_mib:
             return c
-    raise PlacementError(
-        f"a sample declaring {_gib(memory_mib)} exceeds the largest memory class ({_gib(ordered[-1]) if ordered else 'none configured'})"
-    )
+    largest = _gib(ordered[-1]) if ordered else "none configured"
+    raise PlacementError(f"a sample declaring {_gib(memory_mib)} exceeds the largest memory class ({largest})")
 
 
 def next_memory_class(current: int, classes: Iterable[int]) -> int | None:
@@ -335,6 +326,7 @@ def queues_for_gpu(
     assignment): it consumes only ``<ns>.q.pin.<category>``. Any other GPU consumes the
     memory-class queues ``<ns>.q.mem<MiB>`` whose class fits its total memory (largest
     first) and the shared ``<ns>.q.gpu``. Raises PlacementError for a GPU the policy rules out.
+    Classes compare with the total NVML reports, below the nominal size (an "80 GB" H100: 81559 MiB).
     """
     if snapshot.index != gpu_index:
         raise PlacementError(f"snapshot of GPU {snapshot.index} given for GPU {gpu_index}")

@@ -35,6 +35,7 @@ def worker_command(
     env["OMP_NUM_THREADS"] = str(settings.torch_threads)
     env["MKL_NUM_THREADS"] = str(settings.torch_threads)
     env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TQDM_DISABLE", "1")  # diffsynth's progress bars would flood the worker log
     if settings.broker_url is None:
         env["FLEET_BROKER_URL"] = settings.effective_broker_url
     if cpu:

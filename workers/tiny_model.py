@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import os
 import secrets
 import shutil
@@ -30,6 +31,7 @@ import torch
 from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
 
 from fleet.contract import ModelSpec
+from fleet.errors import InputError
 
 SEED = 1234  # fixed: identical files on every build, so tests and demos are reproducible
 
@@ -204,6 +206,9 @@ def build_tiny_model(dir: Path) -> dict[str, Any]:
     An existing ``dir`` (empty, or an earlier build) is replaced.
     """
     dir = Path(dir).absolute()
+    if dir.exists() and (not dir.is_dir() or (any(dir.iterdir()) and not _is_tiny_model(dir))):
+        # Never replace a user's folder: only an empty one or an earlier tiny build.
+        raise InputError(f"{dir}: exists and is not a tiny model folder; name a new or empty folder")
     dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = dir.parent / f".{dir.name}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
@@ -224,6 +229,13 @@ def build_tiny_model(dir: Path) -> dict[str, Any]:
     return dict(MODEL_JSON)
 
 
+def _is_tiny_model(dir: Path) -> bool:
+    try:
+        return json.loads((dir / "model.json").read_text(encoding="utf-8")).get("name") == MODEL_JSON["name"]
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def spec_from_dir(dir: Path) -> ModelSpec:
     """The ModelSpec of a model folder with a model.json, with absolute paths."""
     dir = Path(dir).absolute()
@@ -240,9 +252,13 @@ def spec_from_dir(dir: Path) -> ModelSpec:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers.tiny_model", description=__doc__.splitlines()[0])
-    parser.add_argument("dir", type=Path, help="folder to write the model into (replaced if it exists)")
+    parser.add_argument("dir", type=Path, help="new or empty folder (or an earlier tiny build, replaced)")
     args = parser.parse_args(argv)
-    build_tiny_model(args.dir)
+    try:
+        build_tiny_model(args.dir)
+    except InputError as e:
+        print(f"fleet: error: {e}", file=sys.stderr)
+        return 1
     print(args.dir.absolute())
     return 0
 

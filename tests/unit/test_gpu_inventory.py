@@ -145,7 +145,8 @@ def test_fake_round_trips_the_json_form(tmp_path: Path) -> None:
     path = tmp_path / "gpus.json"
     write_atomic(path, snapshots_to_json([snap]))
     assert FakeInventory(path).snapshot() == [snap]
-    assert json.loads(snapshots_to_json([snap]))[0]["processes"] == [{"pid": 3, "used_mib": None, "user": None, "name": None}]
+    dumped = json.loads(snapshots_to_json([snap]))[0]
+    assert dumped["processes"] == [{"pid": 3, "used_mib": None, "user": None, "name": None}]
 
 
 @pytest.mark.parametrize(("content", "fault"), [

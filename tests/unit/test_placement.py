@@ -259,8 +259,10 @@ CLASSES = [24 * GB, 48 * GB, 80 * GB]
 
 def test_queues_for_unpinned_gpu_take_fitting_memory_classes_and_the_shared_queue() -> None:
     policy = PlacementPolicy(assignment={"camera_motion": [0, 1], "镜头仰角旋转": [1]})
-    assert queues_for_gpu(2, gpu(2, total=48 * GB), policy, "lab", CLASSES) == ["lab.q.mem49152", "lab.q.mem24576", "lab.q.gpu"]
-    assert queues_for_gpu(3, gpu(3), policy, "lab", CLASSES) == ["lab.q.mem81920", "lab.q.mem49152", "lab.q.mem24576", "lab.q.gpu"]
+    small = queues_for_gpu(2, gpu(2, total=48 * GB), policy, "lab", CLASSES)
+    assert small == ["lab.q.mem49152", "lab.q.mem24576", "lab.q.gpu"]
+    big = queues_for_gpu(3, gpu(3), policy, "lab", CLASSES)
+    assert big == ["lab.q.mem81920", "lab.q.mem49152", "lab.q.mem24576", "lab.q.gpu"]
     assert queues_for_gpu(0, gpu(0), policy, "lab", CLASSES) == ["lab.q.pin.camera_motion"]
     assert queues_for_gpu(1, gpu(1), policy, "lab", CLASSES) == ["lab.q.pin.camera_motion", "lab.q.pin.镜头仰角旋转"]
     with pytest.raises(PlacementError, match="GPU 2 is excluded"):

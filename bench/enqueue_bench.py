@@ -1,0 +1,382 @@
+"""Benchmark: fleet's enqueue path (load experiment + plan + skip-check + video probe + publish).
+
+    .venv/bin/python bench/enqueue_bench.py [--samples 100000] [--redis redis://127.0.0.1:6379/0]
+
+Builds a realistic motion-transfer experiment in a temporary folder: real small H.264 mp4
+reference videos written with PyAV in 4 categories (names with spaces and Chinese), a
+per-category prompts file (50 prompts per video, a "*" default plus explicit entries),
+2 seeds, and a model folder with model.json and empty placeholder weight files (planning
+never reads weights). 100,000 samples = 1,000 videos x 50 prompts x 2 seeds.
+
+Then, against a real Redis, in a fresh namespace (``bench-<random>``, deleted at the end):
+
+1. ``first``: ``fleet.enqueue.enqueue`` on an empty namespace: plans, skip-checks, probes
+   every reference video (first frame decoded, cached in Redis by content id) and
+   publishes every sample.                                        DESIGN §5 target <= 5 s
+2. ``in_flight``: the same call again, every sample still queued: nothing published.
+3. ``all_done``: every sample made done exactly as a worker leaves it (completion record in
+   the records hash, id in the done set, output file in place - empty, the skip-check only
+   stats it - and the queued hash and queue emptied), then the call again.   target <= 1 s
+
+Each scenario is timed twice: once through the real ``enqueue(...)`` (the headline figure),
+then split by calling the same functions in the same order from outside (load_experiment,
+plan_experiment, classify, check_videos, payloads + publish) with the namespace in the same
+state. ``av.open`` is counted during the split to show that planning decodes nothing.
+
+Prints a table and, as stdout's last line, one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import redis
+
+from fleet.contract import CompletionRecord, Keys, queue_name
+from fleet.enqueue import check_videos, enqueue
+from fleet.experiment import load_experiment
+from fleet.planner import payloads, plan_experiment
+from fleet.publisher import Outgoing, publish
+from fleet.records import classify, queued_value
+
+PROMPTS_PER_VIDEO = 50
+SEEDS = [42, 142]
+CATEGORIES = ["camera motion 镜头运动", "人物动作", "object_motion", "scene transitions"]
+NEGATIVE = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的"
+TARGETS = {"first": 5.0, "all_done": 1.0}
+
+
+# ---- dataset -------------------------------------------------------------------------------
+def _video_name(cat_index: int, i: int) -> str:
+    """A mix of plain, spaced and Chinese names, as in the lab's datasets."""
+    kind = i % 4
+    if kind == 0:
+        return f"clip_{cat_index}_{i:04d}"
+    if kind == 1:
+        return f"镜头仰角旋转_{i:04d}"
+    if kind == 2:
+        return f"dolly zoom {i:04d}"
+    return f"人物 walk cycle {i:04d}"
+
+
+def _write_video(args: tuple[str, int, int, int, int]) -> None:
+    """One small H.264 mp4 (distinct content per seed); runs in a worker process."""
+    import av
+    import numpy as np
+
+    path, frames, width, height, seed = args
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=15)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.thread_count = 1
+        for i in range(frames):
+            img = np.stack(
+                [(xs * 255 // (width - 1) + 20 * i + seed) % 256, (ys * 255 // (height - 1) + seed) % 256,
+                 np.full_like(xs, (40 * i + 7 * seed) % 256)],
+                axis=-1,
+            ).astype(np.int16)
+            img = np.clip(img + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _prompt(cat: int, video: str | None, k: int) -> str:
+    who = f"the subject of {video}" if video else "the main subject"
+    zh = "，镜头缓慢推进，电影感光影" if k % 3 == 0 else ""
+    return (f"Prompt {k} for category {cat}: {who} moves through a sunlit street at golden hour, "
+            f"camera follows smoothly, shallow depth of field, 35mm film look{zh}")
+
+
+def build_experiment(root: Path, samples: int, width: int, height: int, frames: int) -> tuple[Path, int]:
+    """Write dataset, prompts, model folder and experiment file; returns (experiment path, videos)."""
+    per_video = PROMPTS_PER_VIDEO * len(SEEDS)
+    n_videos = max(len(CATEGORIES), samples // per_video)
+    dataset = root / "dataset"
+    jobs, prompts = [], {}
+    for c, cat in enumerate(CATEGORIES):
+        (dataset / cat).mkdir(parents=True)
+        count = n_videos // len(CATEGORIES) + (1 if c < n_videos % len(CATEGORIES) else 0)
+        table = {"*": [_prompt(c, None, k) for k in range(PROMPTS_PER_VIDEO)]}
+        for i in range(count):
+            name = _video_name(c, i)
+            jobs.append((str(dataset / cat / f"{name}.mp4"), frames, width, height, c * 100003 + i))
+            if i % 5 == 0:  # a fifth of the videos have prompts of their own
+                table[name] = [_prompt(c, name, k) for k in range(PROMPTS_PER_VIDEO)]
+        prompts[cat] = table
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(_write_video, jobs, chunksize=16))
+    (root / "prompts.json").write_text(json.dumps(prompts, ensure_ascii=False, indent=1), encoding="utf-8")
+
+    model = root / "models" / "Wan2.1-T2V-14B"
+    (model / "google" / "umt5-xxl").mkdir(parents=True)
+    dit = [f"diffusion_pytorch_model-0000{i}-of-00006.safetensors" for i in range(1, 7)]
+    for f in [*dit, "models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth", "google/umt5-xxl/tokenizer.json"]:
+        (model / f).touch()
+    (model / "model.json").write_text(json.dumps({
+        "name": "wan2.1-t2v-14b", "dit": dit, "text_encoder": "models_t5_umt5-xxl-enc-bf16.pth",
+        "vae": "Wan2.1_VAE.pth", "tokenizer": "google/umt5-xxl", "dtype": "bfloat16", "memory_mib": 60000,
+    }, indent=1))
+
+    exp = root / "motion transfer 运动迁移.yaml"
+    exp.write_text(
+        "kind: video\n"
+        "name: motion-transfer-bench\n"
+        "dataset: dataset\n"
+        "prompts: prompts.json\n"
+        f"seeds: {SEEDS}\n"
+        "mode: motion\n"
+        "denoising_strength: 0.7\n"
+        f"negative_prompt: \"{NEGATIVE}\"\n"
+        "width: 832\nheight: 480\nframes: 81\nfps: 15\nsteps: 50\ncfg_scale: 5.0\n"
+        "model: {dir: models/Wan2.1-T2V-14B}\n"
+        "output: results\n",
+        encoding="utf-8",
+    )
+    return exp, n_videos
+
+
+# ---- namespace state -------------------------------------------------------------------------
+def wipe(client: redis.Redis, namespace: str) -> None:
+    """Delete every key of the namespace (records, sets, hashes, leases) and its queues."""
+    for pattern in (f"{namespace}:*", f"{namespace}.q.*"):
+        batch = []
+        for k in client.scan_iter(match=pattern, count=10000):
+            batch.append(k)
+            if len(batch) >= 5000:
+                client.unlink(*batch)
+                batch = []
+        if batch:
+            client.unlink(*batch)
+
+
+def reset_to_fresh(client: redis.Redis, keys: Keys, queue: str) -> None:
+    """Back to 'never enqueued': no queued entries, no messages, no cached probes."""
+    client.delete(keys.queued, queue, keys.probes)
+
+
+def mark_all_done(client: redis.Redis, keys: Keys, queue: str, exp) -> int:
+    """Leave every planned sample as a worker leaves it after success (records.complete), output included."""
+    plan = plan_experiment(exp)
+    made_dirs: set[str] = set()
+    pipe = client.pipeline(transaction=False)
+    now = time.time()
+    for n, s in enumerate(plan.samples, 1):
+        d = os.path.dirname(s.output_path)
+        if d not in made_dirs:
+            os.makedirs(d, exist_ok=True)
+            made_dirs.add(d)
+        open(s.output_path, "wb").close()  # a worker renames a finished file into place
+        rec = CompletionRecord(
+            sample_id=s.sample_id, experiment=exp.name, category=s.category, output_path=s.output_path,
+            duration_s=180.0, worker="gpu0@bench", hostname="bench", gpu="0", attempt=1, deliveries=1,
+            model_loaded=False, model_load_s=0.0, finished_at=now,
+        )
+        pipe.hset(keys.records, s.sample_id, rec.model_dump_json(by_alias=True))
+        pipe.sadd(keys.done, s.sample_id)
+        if n % 5000 == 0:
+            pipe.execute()
+    pipe.execute()
+    # claim() removed each id from the queued hash and the worker consumed each message.
+    client.delete(keys.queued, queue, keys.running, keys.deliveries)
+    return len(plan.samples)
+
+
+# ---- measurements ----------------------------------------------------------------------------
+def timed_enqueue(client: redis.Redis, namespace: str, exp_path: Path) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    exp = load_experiment(exp_path)
+    res = enqueue(client, namespace, exp)
+    return time.perf_counter() - t0, res.as_dict()
+
+
+class _OpenCounter:
+    """Counts av.open calls (decodes) while installed; installed around the split run only."""
+
+    def __init__(self) -> None:
+        import av
+
+        self.av, self.real, self.calls = av, av.open, 0
+
+    def __enter__(self) -> "_OpenCounter":
+        def counting(*a, **kw):
+            self.calls += 1
+            return self.real(*a, **kw)
+
+        self.av.open = counting
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.av.open = self.real
+
+    def take(self) -> int:
+        n, self.calls = self.calls, 0
+        return n
+
+
+def split_enqueue(client: redis.Redis, namespace: str, exp_path: Path) -> dict:
+    """The steps of fleet.enqueue.enqueue, called in the same order, each timed."""
+    keys = Keys(namespace)
+    out: dict = {}
+    with _OpenCounter() as opens:
+        t = time.perf_counter()
+        exp = load_experiment(exp_path)
+        out["load_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        plan = plan_experiment(exp, None)
+        ids = [s.sample_id for s in plan.samples]
+        outs = [s.output_path for s in plan.samples]
+        out["plan_s"] = time.perf_counter() - t
+        out["plan_decodes"] = opens.take()
+
+        t = time.perf_counter()
+        state = classify(client, keys, ids, outs)
+        todo = [plan.samples[i] for i in state.todo]
+        out["classify_s"] = time.perf_counter() - t
+
+        probed_before = client.hlen(keys.probes)
+        t = time.perf_counter()
+        check_videos(client, keys, plan, todo)
+        out["probe_s"] = time.perf_counter() - t
+        out["probe_decodes"] = opens.take()
+        out["videos_probed"] = client.hlen(keys.probes) - probed_before
+
+    t = time.perf_counter()
+    queue = queue_name(namespace, "gpu")
+    items = (
+        Outgoing(
+            queue=q, task=plan.task_name, payload_json=payload, sample_id=smp.sample_id,
+            label=f"{smp.category}/{smp.video.name} seed {smp.seed} prompt {smp.prompt_index}",
+            queued_value=queued_value(exp.name, smp.category),
+        )
+        for smp, q, payload in payloads(plan, todo, lambda _s: queue)
+    )
+    out["published"] = publish(client, keys, items)
+    out["publish_s"] = time.perf_counter() - t
+    out["total_s"] = sum(out[k] for k in ("load_s", "plan_s", "classify_s", "probe_s", "publish_s"))
+    out["counts"] = {"planned": len(ids), "done": len(state.done), "in_flight": len(state.queued) + len(state.running),
+                     "todo": len(todo)}
+    return out
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise SystemExit(f"bench: consistency check failed: {what}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=100_000, help="samples to plan (videos x 50 prompts x 2 seeds)")
+    ap.add_argument("--redis", default=os.environ.get("FLEET_BROKER_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--workdir", type=Path, default=None, help="where to build the experiment (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the experiment folder")
+    ap.add_argument("--video-size", default="128x72", help="reference video WxH (even numbers)")
+    ap.add_argument("--video-frames", type=int, default=17)
+    args = ap.parse_args(argv)
+    vw, vh = (int(x) for x in args.video_size.lower().split("x"))
+
+    client = redis.Redis.from_url(args.redis, socket_timeout=120)
+    client.ping()
+    namespace = f"bench-{uuid.uuid4().hex[:10]}"
+    keys, queue = Keys(namespace), queue_name(namespace, "gpu")
+    root = Path(tempfile.mkdtemp(prefix="fleet-enqueue-bench-", dir=args.workdir))
+    cores = os.cpu_count()
+    try:
+        t = time.perf_counter()
+        exp_path, n_videos = build_experiment(root, args.samples, vw, vh, args.video_frames)
+        build_s = time.perf_counter() - t
+        video_bytes = sum(f.stat().st_size for f in (root / "dataset").rglob("*.mp4"))
+        expected = n_videos * PROMPTS_PER_VIDEO * len(SEEDS)
+        print(f"built {n_videos} videos ({video_bytes / n_videos / 1024:.1f} KiB each, {vw}x{vh}x{args.video_frames}), "
+              f"{expected} samples in {build_s:.1f} s under {root}; namespace {namespace}", file=sys.stderr)
+
+        res: dict = {}
+        # 1. first run: empty namespace.
+        wall, counts = timed_enqueue(client, namespace, exp_path)
+        _check(counts == {"planned": expected, "done": 0, "in_flight": 0, "enqueued": expected}, f"first {counts}")
+        _check(client.llen(queue) == expected and client.hlen(keys.queued) == expected, "first: queue/queued size")
+        _check(client.hlen(keys.probes) == n_videos, "first: every video probed once")
+        reset_to_fresh(client, keys, queue)
+        split = split_enqueue(client, namespace, exp_path)
+        _check(split["published"] == expected, "first split published all")
+        res["first"] = {"wall_s": wall, "counts": counts, "split": split}
+
+        # 2. re-run with every sample still queued (in flight).
+        wall, counts = timed_enqueue(client, namespace, exp_path)
+        _check(counts == {"planned": expected, "done": 0, "in_flight": expected, "enqueued": 0}, f"in_flight {counts}")
+        split = split_enqueue(client, namespace, exp_path)
+        _check(split["published"] == 0 and client.llen(queue) == expected, "in_flight split")
+        res["in_flight"] = {"wall_s": wall, "counts": counts, "split": split}
+
+        # 3. re-run with every sample done (record + file), as workers leave them.
+        t = time.perf_counter()
+        mark_all_done(client, keys, queue, load_experiment(exp_path))
+        mark_s = time.perf_counter() - t
+        wall, counts = timed_enqueue(client, namespace, exp_path)
+        _check(counts == {"planned": expected, "done": expected, "in_flight": 0, "enqueued": 0}, f"all_done {counts}")
+        split = split_enqueue(client, namespace, exp_path)
+        _check(split["published"] == 0 and client.llen(queue) == 0, "all_done split")
+        res["all_done"] = {"wall_s": wall, "counts": counts, "split": split}
+    finally:
+        wipe(client, namespace)
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    # ---- report ----
+    phases = ["load_s", "plan_s", "classify_s", "probe_s", "publish_s"]
+    print(f"\nfleet enqueue bench: {expected} samples ({n_videos} videos x {PROMPTS_PER_VIDEO} prompts x {len(SEEDS)} seeds), "
+          f"{cores} cores, Python {platform.python_version()}, Redis {client.info('server')['redis_version']} at {args.redis}")
+    print(f"(setup, untimed: dataset {build_s:.1f} s, marking {expected} done with output files {mark_s:.1f} s)\n")
+    head = f"{'scenario':<11} {'enqueue()':>10} {'target':>7}  " + " ".join(f"{p[:-2]:>9}" for p in phases) + \
+        f" {'probed':>7} {'published':>10}"
+    print(head)
+    print("-" * len(head))
+    for name in ("first", "in_flight", "all_done"):
+        r = res[name]
+        sp = r["split"]
+        target = f"{TARGETS[name]:.1f} s" if name in TARGETS else "-"
+        ok = "" if name not in TARGETS else (" ok" if r["wall_s"] <= TARGETS[name] else " MISS")
+        print(f"{name:<11} {r['wall_s']:>8.3f} s {target:>7}{ok:<5}"
+              + " ".join(f"{sp[p]:>8.3f}s" for p in phases)
+              + f" {sp['videos_probed']:>7} {sp['published']:>10}")
+    fs = res["first"]["split"]
+    print(f"\nprobe share of the first run (split): {fs['probe_s'] / fs['total_s']:.1%}; "
+          f"decodes during planning: {sum(res[n]['split']['plan_decodes'] for n in res)}; "
+          f"decodes during probing: first {fs['probe_decodes']}, re-runs "
+          f"{res['in_flight']['split']['probe_decodes'] + res['all_done']['split']['probe_decodes']}")
+
+    summary = {
+        "bench": "enqueue",
+        "samples": expected,
+        "videos": n_videos,
+        "video_bytes_avg": video_bytes // n_videos,
+        "cores": cores,
+        "python": platform.python_version(),
+        "redis": client.info("server")["redis_version"],
+        "first_s": round(res["first"]["wall_s"], 4),
+        "in_flight_s": round(res["in_flight"]["wall_s"], 4),
+        "all_done_s": round(res["all_done"]["wall_s"], 4),
+        "targets": {"first_s": TARGETS["first"], "all_done_s": TARGETS["all_done"]},
+        "split": {n: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res[n]["split"].items()} for n in res},
+        "probe_share_first": round(fs["probe_s"] / fs["total_s"], 4),
+    }
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

