@@ -56,8 +56,8 @@ class PlacementPolicy(BaseModel):
         if self.slots_per_gpu > self.max_slots_per_gpu:
             raise ValueError(f"slots_per_gpu {self.slots_per_gpu} exceeds max_slots_per_gpu {self.max_slots_per_gpu}")
         for cat, pinned in self.assignment.items():
-            if not cat or any(ch.isspace() for ch in cat) or not pinned:
-                raise ValueError(f"assignment {cat!r}: a category name without spaces pinned to at least one GPU")
+            if not cat or not pinned:
+                raise ValueError(f"assignment {cat!r}: a category pinned to at least one GPU")
             for g in pinned:
                 if g in self.exclude_gpus or (self.gpus != "all" and g not in self.gpus):
                     raise ValueError(f"assignment pins {cat!r} to GPU {g}, which exclude_gpus or gpus rule out")
@@ -103,19 +103,23 @@ def required_free_mib(policy: PlacementPolicy) -> int:
 
 
 def max_usable(possible: int, reserve: int) -> int:
-    """Most GPUs the fleet can hold with ``possible`` qualifying GPUs and reserve k (§5.2): each
-    evaluation leaves k free GPUs but takes one when exactly k are free, so repeating it (as the
-    seed's script does) ends at possible - k + 1 held; fewer than k qualifying means never any."""
-    if reserve == 0:
-        return possible
-    return possible - reserve + 1 if possible >= reserve else 0
+    """Most GPUs the fleet holds with ``possible`` qualifying GPUs and reserve k (§5.2)."""
+    return _reserve_allows(possible, reserve)
 
 
-def _reserve_allows(free: int, reserve: int) -> int:
-    """§5.2: of ``free`` GPUs, how many to take now: < k none, = k one (k > 0), > k all but k."""
-    if free < reserve:
+def _reserve_allows(qualifying: int, reserve: int) -> int:
+    """§5.2 over every qualifying GPU, the fleet's own counted as free: fewer than k -> none,
+    exactly k -> one (the special case: work still progresses), more than k -> all but k.
+
+    The seed's serial script applies the rule to the GPUs it does not hold yet and repeats
+    it for each new command, so its special case fires again and again: with k = 1 it ends
+    up holding every GPU. Counting the fleet's own GPUs makes the rule a steady state that
+    long-lived workers can keep: the fleet never holds more than this, and gives back
+    (after the running sample) what a colleague's arrival makes too many.
+    """
+    if qualifying < reserve:
         return 0
-    return 1 if free == reserve and reserve else free - reserve
+    return 1 if qualifying == reserve and reserve else qualifying - reserve
 
 
 def check_feasible(snapshots: Sequence[GpuSnapshot], policy: PlacementPolicy) -> None:
@@ -230,19 +234,20 @@ def eligible_gpus(
     need = required_free_mib(policy)
     judged = [_judge(s, policy, own_pids, need) for s in snapshots]
     out = {d.index: d for d in judged if not d.usable}
-    by_free = sorted((d for d in judged if d.usable), key=lambda d: (-d.free_mib, d.index))
-    free_gpus = [d for d in by_free if not d.held]
-    take = _reserve_allows(len(free_gpus), policy.reserve)
-    rule = f"reserve {policy.reserve}: {len(free_gpus)} free GPUs -> {take} usable"
-    taken = {d.index for d in free_gpus[:take]}
-    for d in by_free:
-        if d.held or policy.reserve == 0:
+    # Held GPUs first (a worker keeps its GPU rather than hop to a slightly freer one),
+    # then most free memory first (§13.1).
+    qualifying = sorted((d for d in judged if d.usable), key=lambda d: (not d.held, -d.free_mib, d.index))
+    take = _reserve_allows(len(qualifying), policy.reserve)
+    rule = f"reserve {policy.reserve}: {len(qualifying)} qualifying GPUs -> {take} for the fleet"
+    for i, d in enumerate(qualifying):
+        if policy.reserve == 0:
             out[d.index] = d
-        elif d.index in taken:
+        elif i < take:
             out[d.index] = replace(d, reason=f"{d.reason}; {rule}")
         else:
-            out[d.index] = replace(d, usable=False, slots=0, reason=f"GPU {d.index}: left for colleagues ({rule})")
-    usable = [out[d.index] for d in by_free if out[d.index].usable]
+            verb = "given back to" if d.held else "left for"
+            out[d.index] = replace(d, usable=False, slots=0, reason=f"GPU {d.index}: {verb} colleagues ({rule})")
+    usable = sorted((out[d.index] for d in qualifying if out[d.index].usable), key=lambda d: (-d.free_mib, d.index))
     return usable + [out[i] for i in sorted(out) if not out[i].usable]
 
 
@@ -317,6 +322,28 @@ def next_memory_class(current: int, classes: Iterable[int]) -> int | None:
     return next((c for c in _classes(classes) if c > current), None)
 
 
+def pin_need(gpus: Iterable[int]) -> str:
+    """The queue need of samples pinned to these GPUs: ``pin.0-1``.
+
+    Named by the GPU set, not the category, so category names (spaces, commas, any
+    script) never reach a queue name, and categories pinned alike share one queue.
+    """
+    return "pin." + "-".join(str(g) for g in sorted(set(gpus)))
+
+
+def queue_for_sample(category: str, memory_mib: int, policy: PlacementPolicy, namespace: str,
+                     memory_classes: Iterable[int], n_gpus: int = 1) -> str:
+    """Where the producer publishes a sample: pinned GPUs, multi-GPU, memory class, or shared."""
+    if category in policy.assignment:
+        return queue_name(namespace, pin_need(policy.assignment[category]))
+    if n_gpus > 1:
+        return queue_name(namespace, f"gpus{n_gpus}")
+    classes = list(memory_classes)
+    if classes and memory_mib > 0:
+        return queue_name(namespace, f"mem{memory_class_for(memory_mib, classes)}")
+    return queue_name(namespace, "gpu")
+
+
 def queues_for_gpu(
     gpu_index: int, snapshot: GpuSnapshot, policy: PlacementPolicy, namespace: str, memory_classes: Iterable[int]
 ) -> list[str]:
@@ -332,8 +359,8 @@ def queues_for_gpu(
         raise PlacementError(f"snapshot of GPU {snapshot.index} given for GPU {gpu_index}")
     if not _in_pool(gpu_index, policy):
         raise PlacementError(f"GPU {gpu_index} is excluded or outside the GPU pool {policy.gpus}")
-    pinned = sorted(cat for cat, gpus in policy.assignment.items() if gpu_index in gpus)
+    pinned = sorted({pin_need(gpus) for gpus in policy.assignment.values() if gpu_index in gpus})
     if pinned:
-        return [queue_name(namespace, f"pin.{cat}") for cat in pinned]
+        return [queue_name(namespace, need) for need in pinned]
     fits = [c for c in reversed(_classes(memory_classes)) if c <= snapshot.memory_total_mib]
     return [queue_name(namespace, f"mem{c}") for c in fits] + [queue_name(namespace, "gpu")]

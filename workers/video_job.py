@@ -22,9 +22,9 @@ from workers.wan_model import ModelCache, is_out_of_memory, release_cuda_memory
 
 log = logging.getLogger("fleet.job")
 
-# imageio-ffmpeg's 0-10 scale (libx264 CRF-like); 8 keeps fine motion detail at a few MB per
+# x264 constant rate factor: 18 is visually lossless for generated video at a few MB per
 # 832x480x81 sample. Changing it changes outputs, so it is a constant, not a knob.
-VIDEO_QUALITY = 8
+VIDEO_CRF = 18
 SIZE_FACTOR = 16  # Wan2.1's VAE (8x) times the DiT's 2x2 patch: width and height multiples of this
 FRAME_FACTOR = 4  # the VAE compresses time 4x after the first frame: frames = 4k + 1
 
@@ -88,26 +88,56 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def encode_mp4(frames: list[Any], path: Path, fps: int) -> None:
+    """H.264 mp4 (yuv420p, CRF 18) with PyAV.
+
+    PyAV rather than diffsynth's save_video: it needs no imageio-ffmpeg binary (GPU hosts
+    often lack it), and x264's output is deterministic for identical frames.
+    """
+    import av
+    import numpy as np
+
+    w, h = frames[0].size
+    with av.open(str(path), mode="w", format="mp4") as c:
+        stream = c.add_stream("libx264", rate=fps, options={"crf": str(VIDEO_CRF), "preset": "medium"})
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for img in frames:
+            frame = av.VideoFrame.from_ndarray(np.asarray(img.convert("RGB")), format="rgb24")
+            for packet in stream.encode(frame):
+                c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
+
+
 def write_video_atomically(frames: list[Any], final: Path, fps: int) -> None:
     """Write ``frames`` as an mp4 at ``final``: complete file or none.
 
     Written to ``.<name>.<random>.tmp.mp4`` in the same folder (hidden; same filesystem so
-    the rename is atomic; ``.mp4`` so the writer picks the container), flushed to disk,
-    then renamed over ``final``. On any error the temp file is removed. A SIGKILL can
-    leave a hidden temp file behind, but never a partial file at ``final``.
+    the rename is atomic), flushed to disk, then renamed over ``final``. On any error the
+    temp file is removed. A SIGKILL can leave a hidden temp file behind, but never a
+    partial file at ``final``.
     """
-    from diffsynth.utils.data import save_video
-
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp.mp4"
     try:
-        save_video(frames, str(tmp), fps=fps, quality=VIDEO_QUALITY)
+        encode_mp4(frames, tmp, fps)
         _fsync_path(tmp)  # data on disk before the name points at it
         os.replace(tmp, final)
         _fsync_path(final.parent)  # the rename itself survives a crash
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _memory_had(device: str) -> str:
+    """Free and total memory of the device, for OOM messages."""
+    try:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        return f"{free // 2**20} MiB free of {total // 2**20} MiB"
+    except Exception:  # no CUDA (a CPU worker) or a broken context after the OOM
+        return "unknown free memory"
 
 
 def run_video_sample(task: VideoTask, cache: ModelCache, device: str) -> VideoResult:
@@ -136,9 +166,10 @@ def run_video_sample(task: VideoTask, cache: ModelCache, device: str) -> VideoRe
         if not is_out_of_memory(exc):
             raise
         release_cuda_memory(device)  # leave the GPU usable for the next, perhaps smaller, sample
-        need = f"{task.memory_mib} MiB declared" if task.memory_mib else "no memory declared"
+        need = f"needs {task.memory_mib} MiB (declared)" if task.memory_mib else "declares no memory need"
         raise GpuOutOfMemory(
-            f"sample {task.sample_id} ({task.width}x{task.height}x{task.frames}, {need}) ran out of GPU memory on {device}"
+            f"sample {task.sample_id} ({task.width}x{task.height}x{task.frames}) {need}; ran out of GPU memory on "
+            f"{device}, which had {_memory_had(device)}"
         ) from exc
 
     write_video_atomically(frames, final, task.fps)

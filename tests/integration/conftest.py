@@ -7,6 +7,7 @@ keys or queues. Tests that kill Redis start their own server (``own_redis``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -193,3 +194,204 @@ def _pings(url: str) -> bool:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=0.2).ping())
     except redis.RedisError:
         return False
+
+
+# ---- a whole local fleet: `fleet up` / `fleet down` ------------------------------------------
+def free_ports(n: int = 1) -> list[int]:
+    """``n`` distinct TCP ports nobody listens on now (the kernel's picks for port 0, held
+    together so that they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def pid_gone(pid: int) -> bool:
+    """True when ``pid`` has exited: no such process, or a zombie nobody has reaped yet
+    (processes `fleet up` leaves behind are re-parented to init once it exits)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def listen_addresses(port: int) -> set[str]:
+    """The local IPv4/IPv6 addresses with a socket in LISTEN state on ``port`` (from /proc/net)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            addr, hport = cols[1].rsplit(":", 1)
+            if cols[3] == "0A" and int(hport, 16) == port:
+                if len(addr) == 8:
+                    found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1]))
+                else:
+                    raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, 32, 8))
+                    found.add(socket.inet_ntop(socket.AF_INET6, raw))
+    return found
+
+
+@dataclass
+class LocalFleet:
+    """A fleet started by the real `fleet up` in its own state folder, with the embedded Redis
+    and Flower on ports of its own. No FLEET_BROKER_URL: every `fleet` command of this
+    fleet uses the embedded redis-server."""
+
+    tmp: Path
+    state: Path
+    redis_port: int
+    flower_port: int
+    namespace: str = "fleet"
+    seen_pids: set[int] = field(default_factory=set)
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.namespace)
+
+    @property
+    def broker_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def flower_url(self) -> str:
+        return f"http://127.0.0.1:{self.flower_port}"
+
+    @property
+    def logs(self) -> Path:
+        return self.state / "logs"
+
+    @functools.cached_property
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.broker_url, socket_connect_timeout=2, socket_timeout=10)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+        env.update(
+            FLEET_STATE_DIR=str(self.state),
+            FLEET_EMBEDDED_REDIS_PORT=str(self.redis_port),
+            FLEET_FLOWER_PORT=str(self.flower_port),
+            FLEET_NAMESPACE=self.namespace,
+            FLEET_LEASE_TTL_S="3",
+            FLEET_HEARTBEAT_S="0.5",
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(extra)
+        return env
+
+    def fleet(self, *args: str, check: bool = False, timeout_s: float = 120, **extra: str) -> subprocess.CompletedProcess:
+        """Run the `fleet` CLI (``python -m fleet.cli``) in a subprocess of this fleet's environment."""
+        r = subprocess.run([sys.executable, "-m", "fleet.cli", *args], env=self.env(**extra), capture_output=True,
+                           text=True, timeout=timeout_s)
+        self._remember()
+        if check and r.returncode:
+            pytest.fail(f"fleet {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}\n{self.log_tails()}")
+        return r
+
+    def up(self, *args: str) -> subprocess.CompletedProcess:
+        return self.fleet("up", "--cpu-workers", "1", *args, check=True)
+
+    def down(self, *args: str) -> subprocess.CompletedProcess:
+        return self.fleet("down", "--grace-s", "20", *args, check=True)
+
+    def enqueue(self, experiment: Path, *args: str) -> dict:
+        return json.loads(self.fleet("enqueue", str(experiment), "--json", *args, check=True).stdout)
+
+    def state_file(self) -> dict:
+        """<state>/run/fleet.json as `fleet up` wrote it ({} when there is none)."""
+        try:
+            return json.loads((self.state / "run" / "fleet.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def worker_pids(self) -> dict[str, int]:
+        """<state>/run/workers.json as the supervisor wrote it."""
+        try:
+            return json.loads((self.state / "run" / "workers.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def processes(self) -> dict[int, str]:
+        """Every live process (pid -> command line) that belongs to this fleet, found without
+        trusting its pid files: its environment names this fleet's state folder, or it holds a
+        file in that folder open (each process `fleet up` starts writes its log there;
+        redis-server overwrites its environment with its process title)."""
+        mark = f"FLEET_STATE_DIR={self.state}".encode()
+        root = str(self.state) + os.sep
+        found = {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or int(d.name) == os.getpid():
+                continue
+            try:
+                ours = mark in (d / "environ").read_bytes().split(b"\0")
+                if not ours:
+                    for fd in (d / "fd").iterdir():
+                        try:
+                            if os.readlink(fd).startswith(root):
+                                ours = True
+                                break
+                        except OSError:
+                            continue
+                if ours and not pid_gone(int(d.name)):
+                    found[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+        return found
+
+    def done_count(self) -> int:
+        return int(self.client.scard(self.keys.done))
+
+    def worker_registered(self, slot: int = 0) -> bool:
+        """The worker's heartbeat entry is in Redis (it is consuming)."""
+        try:
+            return bool(self.client.hexists(self.keys.workers, f"cpu{slot}@{socket.gethostname()}"))
+        except redis.RedisError:
+            return False
+
+    def log_tails(self, n: int = 1500) -> str:
+        if not self.logs.is_dir():
+            return "(no logs)"
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-n:]}" for p in sorted(self.logs.iterdir()))
+
+    def _remember(self) -> None:
+        self.seen_pids.update(self.state_file().get("pids", {}).values())
+        self.seen_pids.update(self.worker_pids().values())
+
+    def kill_leftovers(self) -> list[int]:
+        """SIGKILL, by pid, whatever of this fleet is still alive; returns those pids."""
+        self._remember()
+        left = sorted({p for p in self.seen_pids if not pid_gone(p)} | set(self.processes()))
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return left
+
+
+@pytest.fixture
+def local_fleet(tmp_path: Path) -> Iterator[LocalFleet]:
+    """A fleet of its own (state folder, embedded Redis port, Flower port), not yet up: call
+    ``local_fleet.up()``. Teardown always runs `fleet down`, then kills leftovers by pid."""
+    redis_port, flower_port = free_ports(2)
+    f = LocalFleet(tmp_path, tmp_path / "state", redis_port, flower_port)
+    try:
+        yield f
+    finally:
+        try:
+            f.fleet("down", "--grace-s", "5", timeout_s=60)
+        finally:
+            f.kill_leftovers()

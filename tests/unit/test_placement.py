@@ -19,6 +19,7 @@ from fleet.placement import (
     eligible_gpus,
     max_usable,
     memory_class_for,
+    queue_for_sample,
     next_memory_class,
     order_requests,
     queues_for_gpu,
@@ -50,7 +51,12 @@ RESERVE_TABLE = [
     (8, 0, 6),  # 8 free: take 6, leave 2
     (5, 1, 2),  # 4 free: take 2
     (4, 1, 1),  # 3 free: take 1
-    (3, 1, 1),  # 2 free = reserve: take 1 (the special case)
+    # The seed takes 1 here (2 free = reserve, the special case), but its serial script
+    # re-applies the special case to every new command: with reserve 1 it ends up on every
+    # GPU. fleet counts its own GPUs among the qualifying ones: 3 qualifying, reserve 2 ->
+    # 1 for the fleet, which it holds already; the special case still lets a fleet that
+    # holds nothing start on exactly k free GPUs (test below).
+    (3, 1, 0),
     (2, 1, 0),  # 1 free < reserve: wait
 ]
 
@@ -63,16 +69,42 @@ def test_reserve_follows_seed_003_table(satisfying: int, held: int, takes: int) 
     ds = eligible_gpus(snaps, PlacementPolicy(min_free_mib=35 * GB, reserve=2), own_pids={OWN})
     newly = [d for d in ds if d.usable and not d.held]
     assert len(newly) == takes
-    assert all(d.usable for d in ds if d.held)  # a held GPU is never given back for the reserve
+    assert all(d.usable for d in ds if d.held)  # no row asks the fleet to give a GPU back
     left = [d for d in ds if "left for colleagues" in d.reason]
     assert len(left) == satisfying - held - takes
+
+
+def test_reserve_special_case_lets_an_idle_fleet_start_and_holds_steady() -> None:
+    policy = PlacementPolicy(min_free_mib=35 * GB, reserve=2)
+    assert sum(d.usable for d in eligible_gpus([gpu(0), gpu(1)], policy)) == 1  # 2 free = k: one
+    # Once the fleet holds one, the next evaluation keeps exactly that one.
+    ds = eligible_gpus([own(0), gpu(1)], policy, own_pids={OWN})
+    assert [d.index for d in ds if d.usable] == [0]
+
+
+def test_reserve_one_on_two_gpus_keeps_one_free_for_good() -> None:
+    policy = PlacementPolicy(reserve=1)
+    first = [d.index for d in eligible_gpus([gpu(0), gpu(1, used=GB)], policy) if d.usable]
+    assert first == [0]
+    again = [d.index for d in eligible_gpus([own(0), gpu(1)], policy, own_pids={OWN}) if d.usable]
+    assert again == [0]  # held first: no hop to the other GPU, no second GPU
+
+
+def test_a_colleague_arriving_makes_the_fleet_give_a_gpu_back() -> None:
+    policy = PlacementPolicy(min_free_mib=35 * GB, reserve=1)
+    held = [own(0), own(1, used=2 * GB), gpu(2)]  # 3 qualifying, reserve 1: the fleet holds 2
+    assert sum(d.usable for d in eligible_gpus(held, policy, own_pids={OWN})) == 2
+    colleague = gpu(2, used=70 * GB, procs=(GpuProcess(pid=777, used_mib=70 * GB, user="alice"),))
+    ds = by_index(eligible_gpus([own(0), own(1, used=2 * GB), colleague], policy, own_pids={OWN}))
+    assert (ds[0].usable, ds[1].usable, ds[2].usable) == (True, False, False)
+    assert "given back to colleagues" in ds[1].reason
 
 
 def test_reserve_leaves_the_least_free_gpus() -> None:
     snaps = [gpu(i, used=i * GB) for i in range(4)]  # GPU 0 most free ... GPU 3 least
     ds = by_index(eligible_gpus(snaps, PlacementPolicy(reserve=2)))
     assert [i for i, d in sorted(ds.items()) if d.usable] == [0, 1]
-    assert ds[3].reason == "GPU 3: left for colleagues (reserve 2: 4 free GPUs -> 2 usable)"
+    assert ds[3].reason == "GPU 3: left for colleagues (reserve 2: 4 qualifying GPUs -> 2 for the fleet)"
 
 
 def test_reserve_zero_uses_everything_and_one_gpu_host_with_reserve_one_still_runs() -> None:
@@ -80,8 +112,8 @@ def test_reserve_zero_uses_everything_and_one_gpu_host_with_reserve_one_still_ru
     assert eligible_gpus([gpu(0)], PlacementPolicy(reserve=1))[0].usable  # free = k = 1: one GPU
 
 
-@pytest.mark.parametrize(("possible", "reserve", "most"), [(8, 0, 8), (8, 2, 7), (2, 2, 1), (1, 2, 0)])
-def test_max_usable_is_the_fixpoint_of_repeating_the_reserve_rule(possible: int, reserve: int, most: int) -> None:
+@pytest.mark.parametrize(("possible", "reserve", "most"), [(8, 0, 8), (8, 2, 6), (2, 2, 1), (1, 2, 0)])
+def test_max_usable_follows_the_reserve_rule_over_all_qualifying_gpus(possible: int, reserve: int, most: int) -> None:
     assert max_usable(possible, reserve) == most
 
 
@@ -242,9 +274,9 @@ def test_choose_group_most_free_first_waits_or_refuses() -> None:
     with pytest.raises(PlacementError, match="needs 5 GPUs"):
         choose_group(ds, 5, policy)
     reserved = PlacementPolicy(reserve=2)
-    assert choose_group(eligible_gpus(snaps, reserved), 3, reserved) is None  # 2 usable now, 3 possible later
-    with pytest.raises(PlacementError, match="at most 3 can ever be usable"):
-        choose_group(eligible_gpus(snaps, reserved), 4, reserved)
+    assert choose_group(eligible_gpus(snaps, reserved), 2, reserved) == [1, 2]
+    with pytest.raises(PlacementError, match="at most 2 can ever be usable"):
+        choose_group(eligible_gpus(snaps, reserved), 3, reserved)
 
 
 def test_multi_gpu_requests_go_first_stably() -> None:
@@ -263,8 +295,19 @@ def test_queues_for_unpinned_gpu_take_fitting_memory_classes_and_the_shared_queu
     assert small == ["lab.q.mem49152", "lab.q.mem24576", "lab.q.gpu"]
     big = queues_for_gpu(3, gpu(3), policy, "lab", CLASSES)
     assert big == ["lab.q.mem81920", "lab.q.mem49152", "lab.q.mem24576", "lab.q.gpu"]
-    assert queues_for_gpu(0, gpu(0), policy, "lab", CLASSES) == ["lab.q.pin.camera_motion"]
-    assert queues_for_gpu(1, gpu(1), policy, "lab", CLASSES) == ["lab.q.pin.camera_motion", "lab.q.pin.镜头仰角旋转"]
+    # Pinned GPUs serve only their pins, named by the GPU set (no category text in queue names).
+    assert queues_for_gpu(0, gpu(0), policy, "lab", CLASSES) == ["lab.q.pin.0-1"]
+    assert queues_for_gpu(1, gpu(1), policy, "lab", CLASSES) == ["lab.q.pin.0-1", "lab.q.pin.1"]
+
+
+def test_queue_for_sample_routes_pins_multi_gpu_and_memory_classes() -> None:
+    policy = PlacementPolicy(assignment={"camera motion, wide": [1, 0]})
+    assert queue_for_sample("camera motion, wide", 0, policy, "lab", CLASSES) == "lab.q.pin.0-1"
+    assert queue_for_sample("other", 30 * GB, policy, "lab", CLASSES) == "lab.q.mem49152"
+    assert queue_for_sample("other", 30 * GB, policy, "lab", []) == "lab.q.gpu"
+    assert queue_for_sample("other", 0, policy, "lab", CLASSES, n_gpus=2) == "lab.q.gpus2"
+    with pytest.raises(PlacementError, match="exceeds the largest memory class"):
+        queue_for_sample("other", 90 * GB, policy, "lab", CLASSES)
     with pytest.raises(PlacementError, match="GPU 2 is excluded"):
         queues_for_gpu(2, gpu(2), PlacementPolicy(exclude_gpus=[2]), "lab", CLASSES)
 

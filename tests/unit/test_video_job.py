@@ -145,13 +145,11 @@ def test_failing_pipeline_leaves_no_file(
 def test_failing_write_leaves_no_file(
     spec: ModelSpec, cache: ModelCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import diffsynth.utils.data
-
-    def half_write(frames: list, save_path: str, fps: int, quality: int = 9, ffmpeg_params: Any = None) -> None:
-        Path(save_path).write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 1000)  # a partial mp4
+    def half_write(frames: list, path: Path, fps: int) -> None:
+        Path(path).write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 1000)  # a partial mp4
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(diffsynth.utils.data, "save_video", half_write)
+    monkeypatch.setattr(video_job, "encode_mp4", half_write)
     out = tmp_path / "out.mp4"
     with pytest.raises(OSError, match="disk full"):
         run_video_sample(make_task(spec, out), cache, "cpu")
