@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from fleet.errors import FleetError
+from fleet.errors import FleetError, PlacementError
 from fleet.settings import CONFIG_ENV, FleetSettings, load_settings
 
 
@@ -70,7 +70,8 @@ def enqueue(ctx: click.Context, experiment: Path, categories: tuple[str, ...], d
     settings = settings_of(ctx)
     exp = load_experiment(experiment, settings.output_dir)
     client = connect(settings)
-    res = do_enqueue(client, settings.namespace, exp, list(categories) or None, dry_run=dry_run)
+    res = do_enqueue(client, settings.namespace, exp, list(categories) or None, dry_run=dry_run,
+                     policy=settings.placement, memory_classes_mib=settings.memory_classes_mib)
     if as_json:
         d = res.as_dict()
         if dry_run:
@@ -103,10 +104,19 @@ def enqueue(ctx: click.Context, experiment: Path, categories: tuple[str, ...], d
 @handles_errors
 def worker(ctx: click.Context, gpu: int | None, gpus: str | None, cpu: bool, slot: int, queues: tuple[str, ...], device: str) -> None:
     """Run one Celery worker for one GPU (prefetch 1, late acks, model kept resident)."""
+    from fleet.gpu_inventory import inventory_from_env
     from fleet.worker_launch import worker_command
 
     settings = settings_of(ctx)
-    argv, env = worker_command(settings, gpu=gpu, gpus=gpus, cpu=cpu, slot=slot, queues=list(queues), device=device)
+    snapshot = None
+    if gpu is not None:
+        with inventory_from_env() as inv:
+            snaps = {s.index: s for s in inv.snapshot()}
+        if snaps and gpu not in snaps:
+            raise PlacementError(f"fleet worker --gpu {gpu}: this host has GPUs {sorted(snaps)}")
+        snapshot = snaps.get(gpu)
+    argv, env = worker_command(settings, gpu=gpu, gpus=gpus, cpu=cpu, slot=slot, queues=list(queues), device=device,
+                               snapshot=snapshot)
     sys.stdout.flush()
     os.execvpe(argv[0], argv, env)
 
@@ -147,17 +157,50 @@ def status(ctx: click.Context, experiment: Path | None, categories: tuple[str, .
 
 
 @main.command()
-@click.option("--gpus", "gpu_list", help="Use these GPUs ('all' or e.g. 0,2,3).")
+@click.option("--gpus", "gpu_list", help="GPU pool: 'all' or indices, e.g. 0,2,3.")
+@click.option("--exclude", help="Never use these GPUs, e.g. 3 or 1,3.")
+@click.option("--min-free-mib", type=int, help="Free memory a GPU needs.")
+@click.option("--reserve", type=int, help="GPUs to leave for colleagues (seed 003 §5.2 rule).")
+@click.option("--exclusive/--shared", default=None, help="Exclusive: only idle GPUs (util 0 %, memory < 3 %).")
+@click.option("--slots-per-gpu", type=int, help="Workers per GPU (fixed slots).")
+@click.option("--packed-mib", type=int, help="Pack slots by declared memory: floor(free / this) per GPU.")
+@click.option("--max-slots", type=int, help="Cap on packed slots per GPU.")
 @click.option("--cpu-workers", type=int, help="Start this many CPU workers instead of GPU workers.")
 @click.pass_context
 @handles_errors
-def up(ctx: click.Context, gpu_list: str | None, cpu_workers: int | None) -> None:
+def up(ctx: click.Context, gpu_list: str | None, exclude: str | None, min_free_mib: int | None, reserve: int | None,
+       exclusive: bool | None, slots_per_gpu: int | None, packed_mib: int | None, max_slots: int | None,
+       cpu_workers: int | None) -> None:
     """Start Redis (embedded unless configured), one worker per usable GPU, and Flower."""
     from fleet.launcher import up as do_up
+    from fleet.placement import PlacementPolicy
 
     settings = settings_of(ctx)
-    info = do_up(settings, gpus=gpu_list, cpu_workers=cpu_workers)
+    change: dict[str, Any] = {}
+    if gpu_list is not None:
+        change["gpus"] = "all" if gpu_list.strip() == "all" else _indices("--gpus", gpu_list)
+    if exclude is not None:
+        change["exclude_gpus"] = _indices("--exclude", exclude)
+    for key, value in (("min_free_mib", min_free_mib), ("reserve", reserve), ("slots_per_gpu", slots_per_gpu),
+                       ("max_slots_per_gpu", max_slots)):
+        if value is not None:
+            change[key] = value
+    if exclusive is not None:
+        change["mode"] = "exclusive" if exclusive else "shared"
+    if packed_mib is not None:
+        change.update(slots="packed", slot_memory_mib=packed_mib)
+    if change:
+        policy = PlacementPolicy.load({**settings.placement.model_dump(), **change}, "fleet up")
+        settings = settings.model_copy(update={"placement": policy})
+    info = do_up(settings, cpu_workers=cpu_workers)
     click.echo(info.describe())
+
+
+def _indices(flag: str, text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise PlacementError(f"{flag} {text!r}: give GPU indices separated by commas, e.g. 0,2") from None
 
 
 @main.command()
@@ -170,6 +213,43 @@ def down(ctx: click.Context, grace_s: float) -> None:
     from fleet.launcher import down as do_down
 
     click.echo(do_down(settings_of(ctx), grace_s=grace_s))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Snapshots and fleet workers as JSON.")
+@click.pass_context
+@handles_errors
+def gpus(ctx: click.Context, as_json: bool) -> None:
+    """The GPUs (memory, utilisation, power, temperature, processes) and the fleet workers on each."""
+    from fleet.broker import connect
+    from fleet.errors import BrokerUnavailable
+    from fleet.gpu_inventory import inventory_from_env
+    from fleet.gpu_view import as_json as to_json
+    from fleet.gpu_view import live_workers, table
+
+    settings = settings_of(ctx)
+    with inventory_from_env() as inv:
+        snaps = inv.snapshot()
+    try:
+        client = connect(settings, timeout_s=1.0)
+    except BrokerUnavailable:
+        client = None  # the GPUs are worth showing without a fleet
+    workers = live_workers(client, settings.namespace, settings.heartbeat_s)
+    if as_json:
+        click.echo(to_json(snaps, workers))
+        return
+    from rich.console import Console
+
+    console = Console()
+    if not snaps:
+        console.print("no GPU found (NVML not available or no NVIDIA GPU)")
+    else:
+        console.print(table(snaps, workers))
+    cpu = [w.name for w in workers if w.gpu == "cpu"]
+    if cpu:
+        console.print("CPU workers: " + ", ".join(cpu))
+    if client is None:
+        console.print(f"(no fleet reachable at {settings.effective_broker_url}: workers not shown)")
 
 
 @main.command("make-tiny-model")

@@ -115,7 +115,8 @@ def run_demo(settings: FleetSettings, directory: Path, n_workers: int) -> None:
     click.echo(info.describe())
     try:
         client = connect(settings.model_copy(update={"broker_url": info.broker_url}))
-        res = enqueue(client, settings.namespace, exp)
+        res = enqueue(client, settings.namespace, exp, policy=settings.placement,
+                      memory_classes_mib=settings.memory_classes_mib)
         click.echo(f"planned {res.planned}, done {res.done}, in flight {res.in_flight}, enqueued {res.enqueued}")
         cols = (TextColumn("[b]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[extra]}"),
                 TimeElapsedColumn())

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import redis
 
-from fleet.contract import Keys, queue_name
+from fleet.contract import Keys
+from fleet.errors import PlacementError
 from fleet.experiment import LoadedExperiment
+from fleet.placement import PlacementPolicy, queue_for_sample
 from fleet.planner import Plan, Sample, payloads, plan_experiment
 from fleet.publisher import Outgoing, publish
 from fleet.records import classify, queued_value
@@ -70,8 +72,14 @@ def enqueue(
     exp: LoadedExperiment,
     categories: list[str] | None = None,
     dry_run: bool = False,
+    policy: PlacementPolicy | None = None,
+    memory_classes_mib: list[int] | None = None,
 ) -> EnqueueResult:
-    """Publish every sample of ``exp`` that is neither done nor queued nor running."""
+    """Publish every sample of ``exp`` that is neither done nor queued nor running.
+
+    Each sample goes to the queue of what it needs (pinned GPUs, several GPUs, a memory
+    class, or any GPU); an impossible need fails here, before anything is published.
+    """
     keys = Keys(namespace)
     plan = plan_experiment(exp, categories)
     ids = [s.sample_id for s in plan.samples]
@@ -80,9 +88,16 @@ def enqueue(
     todo = [plan.samples[i] for i in state.todo]
     in_flight = len(state.queued) + len(state.running)
     check_videos(client, keys, plan, todo)
+    policy = policy or PlacementPolicy()
+    classes = memory_classes_mib or []
+    routes = {}
+    for cat in {smp.category for smp in todo}:
+        try:
+            routes[cat] = queue_for_sample(cat, exp.memory_mib, policy, namespace, classes, exp.spec.gpus_per_sample)
+        except PlacementError as e:
+            raise PlacementError(f"{exp.path}: {e}") from None
     if dry_run:
         return EnqueueResult(len(ids), len(state.done), in_flight, 0, todo)
-    queue = queue_name(namespace, "gpu")
     items = (
         Outgoing(
             queue=q,
@@ -92,7 +107,7 @@ def enqueue(
             label=f"{smp.category}/{smp.video.name} seed {smp.seed} prompt {smp.prompt_index}",
             queued_value=queued_value(exp.name, smp.category),
         )
-        for smp, q, payload in payloads(plan, todo, lambda _s: queue)
+        for smp, q, payload in payloads(plan, todo, lambda smp: routes[smp.category])
     )
     n = publish(client, keys, items)
     return EnqueueResult(len(ids), len(state.done), in_flight, n)

@@ -79,6 +79,7 @@ class VideoExperiment(BaseModel):
     cfg_scale: float = 5.0
     tiled: bool = True
     memory_mib: int | None = Field(None, ge=0, description="GPU memory a sample needs (default: the model's)")
+    gpus_per_sample: int = Field(1, ge=1, le=16, description="GPUs one sample holds (a worker started with --gpus)")
     model: ModelEntry
     output: str | None = Field(None, description="Output root (default: the settings' output_dir/<name>, else results/)")
 

@@ -27,6 +27,8 @@ import redis
 from fleet.errors import BrokerUnavailable, ConfigError
 from fleet.settings import FleetSettings
 
+FLOWER_TASK_COLUMNS = "name,uuid,state,args,received,runtime,worker"
+
 
 @dataclass
 class UpInfo:
@@ -135,20 +137,30 @@ def start_embedded_redis(settings: FleetSettings) -> int:
 
 
 def child_env(settings: FleetSettings) -> dict[str, str]:
-    env = dict(os.environ)
+    """The environment of the processes `up` starts: the settings as `up` resolved them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_PLACEMENT__")}
     env["FLEET_BROKER_URL"] = settings.effective_broker_url
     env["FLEET_STATE_DIR"] = str(settings.state_dir)
+    env["FLEET_PLACEMENT"] = settings.placement.model_dump_json()
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def up(settings: FleetSettings, gpus: str | None = None, cpu_workers: int | None = None) -> UpInfo:
+def up(settings: FleetSettings, cpu_workers: int | None = None) -> UpInfo:
+    """Start the fleet of this machine (see the module docstring); raises PlacementError when
+    the placement policy can never be met by this host's GPUs."""
     flower_url = f"http://{settings.flower_address}:{settings.flower_port}"
     with _lock(settings):
         state = read_state(settings)
         live = {k: v for k, v in state.get("pids", {}).items() if alive(v)}
         if live:
             return UpInfo(True, state["broker_url"], state["flower_url"], live, _workers(settings), settings.logs)
+        if not cpu_workers:
+            from fleet.gpu_inventory import inventory_from_env
+            from fleet.placement import check_feasible
+
+            with inventory_from_env() as inv:
+                check_feasible(inv.snapshot(), settings.placement)
         pids: dict[str, int] = {}
         try:
             if settings.broker_url is None:
@@ -157,14 +169,15 @@ def up(settings: FleetSettings, gpus: str | None = None, cpu_workers: int | None
                 raise BrokerUnavailable(f"cannot reach Redis at {settings.broker_url}; start it or fix broker_url")
             env = child_env(settings)
             argv = [sys.executable, "-m", "fleet.supervisor"]
-            if gpus:
-                argv += ["--gpus", gpus]
             if cpu_workers:
                 argv += ["--cpu-workers", str(cpu_workers)]
             pids["supervisor"] = _spawn(argv, settings.logs / "supervisor.log", env)
+            # Flower's default task columns leave out args, where each sample's label
+            # (argsrepr: "<category>/<video> seed S prompt P") is; show it in the tasks list.
             pids["flower"] = _spawn(
                 [sys.executable, "-m", "celery", "-A", "workers.app", "flower",
-                 f"--address={settings.flower_address}", f"--port={settings.flower_port}"],
+                 f"--address={settings.flower_address}", f"--port={settings.flower_port}",
+                 f"--tasks-columns={FLOWER_TASK_COLUMNS}"],
                 settings.logs / "flower.log", env)
             write_json_atomic(_state_file(settings), {
                 "pids": pids, "broker_url": settings.effective_broker_url, "flower_url": flower_url,

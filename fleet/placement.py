@@ -364,3 +364,20 @@ def queues_for_gpu(
         return [queue_name(namespace, need) for need in pinned]
     fits = [c for c in reversed(_classes(memory_classes)) if c <= snapshot.memory_total_mib]
     return [queue_name(namespace, f"mem{c}") for c in fits] + [queue_name(namespace, "gpu")]
+
+
+def queue_after_oom(queue: str, memory_mib: int, namespace: str, memory_classes: Iterable[int]) -> str | None:
+    """Where a sample goes after running out of memory on ``queue``: the next larger memory
+    class, or None when there is none (the sample then fails as OOM)."""
+    classes = list(memory_classes)
+    if not classes:
+        return None
+    prefix = queue_name(namespace, "mem")
+    if queue.startswith(prefix) and queue[len(prefix):].isdigit():
+        current = int(queue[len(prefix):])
+    elif queue == queue_name(namespace, "gpu"):
+        current = memory_class_for(memory_mib, classes) if memory_mib <= max(classes) else max(classes)
+    else:
+        return None  # pinned and multi-GPU samples stay where the user put them
+    nxt = next_memory_class(current, classes)
+    return queue_name(namespace, f"mem{nxt}") if nxt is not None else None

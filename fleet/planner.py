@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from json.encoder import encode_basestring  # == json.dumps(str, ensure_ascii=False)
 from pathlib import Path
 
 from fleet.contract import TASK_VIDEO, VIDEO_SCHEMA
@@ -91,21 +93,36 @@ def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None) 
 
     common = hashlib.sha256(json.dumps(_common_fields(exp), sort_keys=True).encode()).hexdigest()
     motion = s.mode == "motion"
+    # The id of a sample is sha256 over json.dumps([common, cat, video, cid, prompt, prompt_index],
+    # ensure_ascii=False) followed by the seed: the JSON is assembled from its parts, each
+    # encoded once (what json.dumps does for a list of strings and ints, without its set-up),
+    # and the hash of that head is computed once per (video, prompt) and copied per seed.
+    enc = encode_basestring
+    sha256 = hashlib.sha256
+    seeds = [(seed, str(seed).encode(), f"seed_{seed}_prompt_") for seed in s.seeds]
+    prompt_json: dict[str, str] = {}
+    out_root, size = str(exp.output), f"_{s.width}x{s.height}"
     samples: list[Sample] = []
+    append = samples.append
     for cat, vids in by_cat.items():
+        cat_dir = os.path.join(out_root, cat)
         for v in vids:
             plist = prompts.for_video(cat, v.name)
             if plist is None:
                 raise InputError(f"{exp.prompts}: no prompts for video {v.name!r} of category {cat!r} ({v.path})")
-            cid = video_cid[v.path] if motion else ""
-            folder = exp.output / cat / f"ref_{v.name}_{s.width}x{s.height}"
+            vcid = video_cid[v.path]
+            cid = vcid if motion else ""
+            folder = os.path.join(cat_dir, f"ref_{v.name}{size}")  # == str(exp.output / cat / f"ref_...")
+            head_video = f"[{enc(common)}, {enc(cat)}, {enc(v.name)}, {enc(cid)}, "
             for pi, prompt in enumerate(plist):
-                head = json.dumps([common, cat, v.name, cid, prompt, pi], ensure_ascii=False)
-                for seed in s.seeds:
-                    sid = hashlib.sha256(f"{head}{seed}".encode()).hexdigest()[:32]
-                    samples.append(
-                        Sample(sid, cat, v, video_cid[v.path], prompt, pi, seed, str(folder / f"seed_{seed}_prompt_{pi}.mp4"))
-                    )
+                pj = prompt_json.get(prompt)
+                if pj is None:
+                    pj = prompt_json[prompt] = enc(prompt)
+                head = sha256(f"{head_video}{pj}, {pi}]".encode())
+                for seed, seed_b, stem in seeds:
+                    h = head.copy()
+                    h.update(seed_b)
+                    append(Sample(h.hexdigest()[:32], cat, v, vcid, prompt, pi, seed, os.path.join(folder, f"{stem}{pi}.mp4")))
     return Plan(exp, samples, list(zip(videos, cids)))
 
 
@@ -154,12 +171,21 @@ def payloads(plan: Plan, todo: list[Sample], route: Callable[[Sample], str]) -> 
         "attempt": 1,
     }
     head = json.dumps(const, ensure_ascii=False)[:-1]
-    dumps = json.dumps
+    enc = encode_basestring  # == json.dumps(str, ensure_ascii=False)
+    prompt_json: dict[str, str] = {}
+    video, video_part = None, ""
     for smp in todo:
+        if smp.video is not video:  # samples of one video come together: its fields once
+            video = smp.video
+            video_part = (
+                f',"category":{enc(smp.category)},"video":{enc(video.name)},"video_path":{enc(str(video.path))}'
+            )
+        pj = prompt_json.get(smp.prompt)
+        if pj is None:
+            pj = prompt_json[smp.prompt] = enc(smp.prompt)
         tail = (
-            f',"sample_id":"{smp.sample_id}","category":{dumps(smp.category, ensure_ascii=False)}'
-            f',"video":{dumps(smp.video.name, ensure_ascii=False)},"video_path":{dumps(str(smp.video.path), ensure_ascii=False)}'
-            f',"prompt":{dumps(smp.prompt, ensure_ascii=False)},"prompt_index":{smp.prompt_index},"seed":{smp.seed}'
-            f',"output_path":{dumps(smp.output_path, ensure_ascii=False)}}}'
+            f',"sample_id":"{smp.sample_id}"{video_part}'
+            f',"prompt":{pj},"prompt_index":{smp.prompt_index},"seed":{smp.seed}'
+            f',"output_path":{enc(smp.output_path)}}}'
         )
         yield smp, route(smp), head + tail

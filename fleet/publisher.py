@@ -13,18 +13,21 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
+from json.encoder import encode_basestring  # what json.dumps(str, ensure_ascii=False) returns, without its set-up
 
 import redis
 
 from fleet.contract import Keys
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_BODY_TAIL = "], {}, " + json.dumps(_EMBED) + "]"
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
-CHUNK = 5000  # commands per pipeline flush: big enough to amortise round trips, small enough to stream
+CHUNK = 5000  # tasks per pipeline flush: big enough to amortise round trips, small enough to stream
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,17 @@ class Outgoing:
     queued_value: str
 
 
-def encode_message(task: str, payload_json: str, queue: str, label: str, task_id: str | None = None) -> bytes:
-    """The kombu/Redis envelope of a Celery protocol-2 message with args ``[payload]``."""
-    tid = task_id or str(uuid.uuid4())
-    body = "[[" + payload_json + '], {}, ' + json.dumps(_EMBED) + "]"
+def _uuid4() -> str:
+    """``str(uuid.uuid4())`` (random, version 4, RFC 4122 variant) at a quarter of its cost."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _envelope(task: str, queue: str, body_b64: str, tid: str, label: str, delivery_tag: str) -> dict:
+    """The kombu/Redis envelope as a dict (the one definition of its fields and their order)."""
     headers = {
         "lang": "py",
         "task": task,
@@ -65,8 +75,8 @@ def encode_message(task: str, payload_json: str, queue: str, label: str, task_id
         "stamped_headers": None,
         "stamps": {},
     }
-    envelope = {
-        "body": base64.b64encode(body.encode("utf-8")).decode("ascii"),
+    return {
+        "body": body_b64,
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": headers,
@@ -77,25 +87,85 @@ def encode_message(task: str, payload_json: str, queue: str, label: str, task_id
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
             "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
+            "delivery_tag": delivery_tag,
         },
     }
-    return json.dumps(envelope, ensure_ascii=False).encode("utf-8")
+
+
+_SLOTS = ("body", "tid", "label", "tag")
+
+
+@lru_cache(maxsize=256)
+def _template(task: str, queue: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The envelope JSON of (task, queue) cut around its per-message values.
+
+    Returns (literal pieces, slot names): the message is pieces[0] + value(slots[0]) +
+    pieces[1] + ... Built by ``json.dumps`` of the same dict with markers in the slots,
+    so the bytes are exactly those of ``json.dumps(_envelope(...), ensure_ascii=False)``.
+    The markers hold a NUL, which only a task or queue name with a NUL could repeat:
+    those (never seen in practice) take the slow path in ``encode_message``.
+    """
+    marks = {k: f"fleet\x00slot:{k}" for k in _SLOTS}
+    text = json.dumps(_envelope(task, queue, marks["body"], marks["tid"], marks["label"], marks["tag"]), ensure_ascii=False)
+    quoted = {json.dumps(m, ensure_ascii=False): k for k, m in marks.items()}
+    pieces, slots, pos = [], [], 0
+    for m in re.finditer("|".join(re.escape(q) for q in quoted), text):
+        pieces.append(text[pos : m.start()])
+        slots.append(quoted[m.group(0)])
+        pos = m.end()
+    pieces.append(text[pos:])
+    return tuple(pieces), tuple(slots)
+
+
+def encode_message(task: str, payload_json: str, queue: str, label: str, task_id: str | None = None) -> bytes:
+    """The kombu/Redis envelope of a Celery protocol-2 message with args ``[payload]``."""
+    tid = task_id or _uuid4()
+    body = base64.b64encode(("[[" + payload_json + _BODY_TAIL).encode("utf-8")).decode("ascii")
+    if "\x00" in task or "\x00" in queue:
+        return json.dumps(_envelope(task, queue, body, tid, label, _uuid4()), ensure_ascii=False).encode("utf-8")
+    values = {"body": '"' + body + '"', "tid": encode_basestring(tid), "label": encode_basestring(label),
+              "tag": '"' + _uuid4() + '"'}
+    pieces, slots = _template(task, queue)
+    out = [pieces[0]]
+    for slot, piece in zip(slots, pieces[1:]):
+        out.append(values[slot])
+        out.append(piece)
+    return "".join(out).encode("utf-8")
 
 
 def publish(client: redis.Redis, keys: Keys, items: Iterable[Outgoing]) -> int:
     """Push every item onto its queue and mark it queued; returns the count.
 
-    Pipelined without MULTI: a crash mid-way leaves a prefix published and marked,
-    which the next enqueue completes (planning is a set difference).
+    Per chunk of ``CHUNK`` tasks: one HSET marking them queued, then one LPUSH per queue
+    with their messages in order (LPUSH of many values = that many LPUSHes, one after the
+    other), in MULTI/EXEC so a chunk is all published and marked or not at all. A crash
+    mid-way leaves a prefix of chunks published and marked, which the next enqueue
+    completes (planning is a set difference).
     """
     n = 0
-    pipe = client.pipeline(transaction=False)
+    marks: list[str] = []
+    messages: dict[str, list[bytes]] = {}
+
+    def flush() -> None:
+        if not marks:
+            return
+        pipe = client.pipeline(transaction=True)
+        pipe.hset(keys.queued, items=marks)
+        for queue, msgs in messages.items():
+            pipe.lpush(queue, *msgs)
+        pipe.execute()
+        marks.clear()
+        messages.clear()
+
     for it in items:
-        pipe.hset(keys.queued, it.sample_id, it.queued_value)
-        pipe.lpush(it.queue, encode_message(it.task, it.payload_json, it.queue, it.label))
+        marks.append(it.sample_id)
+        marks.append(it.queued_value)
+        msgs = messages.get(it.queue)
+        if msgs is None:
+            msgs = messages[it.queue] = []
+        msgs.append(encode_message(it.task, it.payload_json, it.queue, it.label))
         n += 1
         if n % CHUNK == 0:
-            pipe.execute()
-    pipe.execute()
+            flush()
+    flush()
     return n

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fleet.errors import ConfigError
+from fleet.placement import PlacementPolicy
 
 ENV_PREFIX = "FLEET_"
 CONFIG_ENV = "FLEET_CONFIG"
@@ -27,7 +28,9 @@ _NON_SETTING_ENV = {CONFIG_ENV, "FLEET_FAKE_GPUS", "FLEET_WORKER_GPUS"}
 class FleetSettings(BaseSettings):
     """Everything a fleet process needs to know; loaded once at the edge and passed down."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, env_nested_delimiter="__"
+    )
 
     broker_url: str | None = Field(
         None, description="Redis URL (broker and records). None: `fleet up` starts an embedded redis-server."
@@ -49,6 +52,14 @@ class FleetSettings(BaseSettings):
         3, ge=1, description="Times a sample may start; one that keeps killing its worker fails after this many."
     )
     torch_threads: int = Field(1, ge=1, description="torch.set_num_threads per worker (CPU work; small hosts).")
+    placement: PlacementPolicy = Field(
+        default_factory=PlacementPolicy,
+        description="Which GPUs, how many slots each, reserve, exclusive/shared, pinned categories (fleet.placement).",
+    )
+    memory_classes_mib: list[int] = Field(
+        [], description="Memory classes (MiB) samples are routed by; an OOM moves a sample to the next one."
+    )
+    placement_interval_s: float = Field(3.0, gt=0, description="How often `fleet up` re-reads the GPUs.")
     worker_pool: Literal["threads", "solo"] = Field(
         "threads", description="threads (one slot) keeps the worker answering control commands while a sample runs."
     )
@@ -121,7 +132,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def _check_env_names() -> None:
     fields = {f"{ENV_PREFIX}{name}".upper() for name in FleetSettings.model_fields}
-    unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in fields and k not in _NON_SETTING_ENV)
+    nested = {f"{ENV_PREFIX}PLACEMENT__{name}".upper() for name in PlacementPolicy.model_fields}
+    unknown = sorted(
+        k for k in os.environ
+        if k.startswith(ENV_PREFIX) and k not in fields and k not in nested and k not in _NON_SETTING_ENV
+    )
     if unknown:
         raise ConfigError(f"environment: unknown fleet setting {unknown[0]} (known: {', '.join(sorted(fields))})")
 

@@ -17,8 +17,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from fleet.gpu_inventory import Inventory, inventory_from_env
+import redis
+
+from fleet.broker import connect
+from fleet.contract import Keys, WorkerEntry, queue_name
+from fleet.gpu_inventory import GpuSnapshot, Inventory, inventory_from_env
 from fleet.launcher import run_dir, write_json_atomic
+from fleet.placement import PlacementPolicy, choose_group, eligible_gpus
 from fleet.settings import FleetSettings, load_settings
 from fleet.worker_launch import worker_command
 
@@ -30,8 +35,9 @@ class WorkerPlan:
     """One worker this host should run."""
 
     name: str
-    gpu: int | None  # None: a CPU worker
+    gpu: int | None  # None: a CPU worker, or a group
     slot: int = 0
+    group: tuple[int, ...] = ()  # several GPUs of this host, for multi-GPU work
     reason: str = ""
 
 
@@ -47,28 +53,83 @@ class Running:
 class Supervisor:
     settings: FleetSettings
     inventory: Inventory
-    gpus: list[int] | None = None  # restrict to these GPUs (None: all)
     cpu_workers: int | None = None
+    client: redis.Redis | None = None  # to see queued multi-GPU work; None: no groups
     interval_s: float = 3.0
     running: dict[str, Running] = field(default_factory=dict)
     backoff: dict[str, float] = field(default_factory=dict)  # name -> not before (monotonic)
     stopping: bool = False
+    _last_decisions: tuple = ()
+    _snaps: dict[int, GpuSnapshot] = field(default_factory=dict)
+
+    @property
+    def policy(self) -> PlacementPolicy:
+        return self.settings.placement
 
     def desired(self) -> list[WorkerPlan]:
-        """The workers this host should run now."""
+        """The workers this host should run now, by the placement policy."""
         if self.cpu_workers:
-            return [WorkerPlan(f"cpu{i}", None, i, "CPU workers requested") for i in range(self.cpu_workers)]
+            return [WorkerPlan(f"cpu{i}", None, i, reason="CPU workers requested") for i in range(self.cpu_workers)]
         snaps = self.inventory.snapshot()
-        if self.gpus is not None:
-            snaps = [s for s in snaps if s.index in self.gpus]
+        self._snaps = {s.index: s for s in snaps}
         if not snaps:
-            return [WorkerPlan("cpu0", None, 0, "no GPU found: one CPU worker")]
-        return [WorkerPlan(f"gpu{s.index}", s.index, 0, f"GPU {s.index} ({s.name})") for s in snaps]
+            return [WorkerPlan("cpu0", None, 0, reason="no GPU found: one CPU worker")]
+        own = {r.proc.pid for r in self.running.values() if r.proc.poll() is None}
+        decisions = eligible_gpus(snaps, self.policy, own)
+        self._log_decisions(decisions)
+        plans: list[WorkerPlan] = []
+        grouped: set[int] = set()
+        for n in self._multi_gpu_demand():  # multi-GPU work goes first (seed 003 §5.3)
+            group = choose_group([d for d in decisions if d.index not in grouped], n, self.policy)
+            if group:
+                grouped.update(group)
+                ids = sorted(group)
+                plans.append(WorkerPlan("gpus" + "-".join(map(str, ids)), None, 0, tuple(ids),
+                                        f"{n}-GPU work queued: group of GPUs {ids}"))
+        for d in decisions:
+            if d.usable and d.index not in grouped:
+                for slot in range(d.slots):
+                    plans.append(WorkerPlan(f"gpu{d.index}" + (f"s{slot}" if slot else ""), d.index, slot, reason=d.reason))
+        return plans
+
+    def _multi_gpu_demand(self) -> list[int]:
+        """GPU counts of multi-GPU work that is queued or still running here, most GPUs first."""
+        if self.client is None:
+            return []
+        ns = self.settings.namespace
+        busy = {len(r.plan.group) for r in self.running.values() if r.plan.group and not r.stopping}
+        want = set()
+        for n in range(16, 1, -1):
+            if n in busy and self._group_busy(n):
+                want.add(n)
+            elif self.client.llen(queue_name(ns, f"gpus{n}")):
+                want.add(n)
+        return sorted(want, reverse=True)
+
+    def _group_busy(self, n: int) -> bool:
+        """A group worker of n GPUs still has queued work or a sample running."""
+        ns = self.settings.namespace
+        if self.client.llen(queue_name(ns, f"gpus{n}")):
+            return True
+        for raw in self.client.hvals(Keys(ns).workers):
+            w = WorkerEntry.model_validate_json(raw)
+            if w.gpu.count(",") == n - 1 and w.sample_id is not None:
+                return True
+        return False
+
+    def _log_decisions(self, decisions: list) -> None:
+        key = tuple((d.index, d.usable, d.slots) for d in decisions)
+        if key != self._last_decisions:
+            self._last_decisions = key
+            for d in decisions:
+                log.info("placement: %s", d.reason)
 
     def start(self, plan: WorkerPlan) -> None:
-        argv, env = worker_command(
-            self.settings, gpu=plan.gpu, cpu=plan.gpu is None, slot=plan.slot,
-        )
+        if plan.group:
+            argv, env = worker_command(self.settings, gpus=",".join(map(str, plan.group)))
+        else:
+            argv, env = worker_command(self.settings, gpu=plan.gpu, cpu=plan.gpu is None, slot=plan.slot,
+                                       snapshot=self._snaps.get(plan.gpu) if plan.gpu is not None else None)
         logf = self.settings.logs / f"worker-{plan.name}.log"
         logf.parent.mkdir(parents=True, exist_ok=True)
         with open(logf, "ab") as out:
@@ -105,9 +166,20 @@ class Supervisor:
             if name not in want:
                 self.stop(name, "no longer wanted by the placement policy")
         for name, plan in want.items():
-            if name not in self.running and self.backoff.get(name, 0) <= now:
-                self.start(plan)
+            if name in self.running or self.backoff.get(name, 0) > now:
+                continue
+            if self._gpus_busy(plan, name):
+                continue  # a worker leaving these GPUs is finishing its sample; start after it
+            self.start(plan)
         write_json_atomic(run_dir(self.settings) / "workers.json", {n: r.proc.pid for n, r in self.running.items()})
+
+    def _gpus_busy(self, plan: WorkerPlan, name: str) -> bool:
+        mine = set(plan.group) if plan.group else ({plan.gpu} if plan.gpu is not None else set())
+        for other, r in self.running.items():
+            theirs = set(r.plan.group) if r.plan.group else ({r.plan.gpu} if r.plan.gpu is not None else set())
+            if other != name and mine & theirs and (r.stopping or bool(plan.group) != bool(r.plan.group)):
+                return True
+        return False
 
     def shutdown(self, grace_s: float = 60.0) -> None:
         self.stopping = True
@@ -131,14 +203,14 @@ class Supervisor:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fleet.supervisor")
-    p.add_argument("--gpus", help="'all' or a comma-separated list of GPU indices")
     p.add_argument("--cpu-workers", type=int)
     p.add_argument("--grace-s", type=float, default=60.0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stdout)
     settings = load_settings()
-    gpus = None if not args.gpus or args.gpus == "all" else [int(x) for x in args.gpus.split(",") if x.strip()]
-    sup = Supervisor(settings, inventory_from_env(), gpus=gpus, cpu_workers=args.cpu_workers)
+    client = None if args.cpu_workers else connect(settings)
+    sup = Supervisor(settings, inventory_from_env(), cpu_workers=args.cpu_workers, client=client,
+                     interval_s=settings.placement_interval_s)
 
     def on_term(signum: int, _frame: object) -> None:
         sup.stopping = True

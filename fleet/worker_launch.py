@@ -12,7 +12,8 @@ import sys
 
 from fleet.contract import queue_name
 from fleet.errors import PlacementError
-from fleet.gpu_inventory import FAKE_GPUS_ENV
+from fleet.gpu_inventory import FAKE_GPUS_ENV, GpuSnapshot
+from fleet.placement import pin_need, queues_for_gpu
 from fleet.settings import FleetSettings
 
 
@@ -25,8 +26,13 @@ def worker_command(
     slot: int = 0,
     queues: list[str] | None = None,
     device: str = "auto",
+    snapshot: GpuSnapshot | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """argv and env of ``python -m workers.main`` for one worker."""
+    """argv and env of ``python -m workers.main`` for one worker.
+
+    ``snapshot`` (of the worker's GPU) lets the default queues include the memory classes
+    that fit the card.
+    """
     chosen = [x for x in (gpu is not None, gpus is not None, cpu) if x]
     if len(chosen) != 1:
         raise PlacementError("fleet worker: give exactly one of --gpu N, --gpus N,M or --cpu")
@@ -49,10 +55,28 @@ def worker_command(
         dev = device if device != "auto" else ("cpu" if os.environ.get(FAKE_GPUS_ENV) else "cuda")
     if device != "auto":
         dev = device
-    n = 1 if cpu else len(label.split(","))
-    qs = queues or [queue_name(settings.namespace, "gpu" if n == 1 else f"gpus{n}")]
+    qs = queues or default_queues(settings, None if cpu else [int(x) for x in label.split(",")], snapshot)
     argv = [sys.executable, "-m", "workers.main", "--name", name, "--gpu-label", label, "--device", dev, "--queues", ",".join(qs)]
     return argv, env
+
+
+def default_queues(settings: FleetSettings, gpus: list[int] | None, snapshot: GpuSnapshot | None) -> list[str]:
+    """What a worker consumes unless told: see fleet.placement.queues_for_gpu.
+
+    A CPU worker takes the shared queue and every memory class (it has no GPU memory to
+    run out of); a multi-GPU worker takes the queue of tasks needing that many GPUs.
+    """
+    ns, classes = settings.namespace, settings.memory_classes_mib
+    if gpus is None:
+        return [queue_name(ns, f"mem{c}") for c in sorted(classes, reverse=True)] + [queue_name(ns, "gpu")]
+    if len(gpus) > 1:
+        return [queue_name(ns, f"gpus{len(gpus)}")]
+    if snapshot is not None and snapshot.index == gpus[0]:
+        return queues_for_gpu(gpus[0], snapshot, settings.placement, ns, classes)
+    pins = sorted({pin_need(g) for g in settings.placement.assignment.values() if gpus[0] in g})
+    if pins:
+        return [queue_name(ns, p) for p in pins]
+    return [queue_name(ns, f"mem{c}") for c in sorted(classes, reverse=True)] + [queue_name(ns, "gpu")]
 
 
 def _parse_gpus(text: str) -> list[int]:

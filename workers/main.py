@@ -47,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     from workers.tasks import bind_runner
 
     node = f"{args.name}@{socket.gethostname()}"
-    runner = SampleRunner(settings, client, node, args.gpu_label, args.device)
+    from fleet.placement import queue_after_oom
+
+    def oom_route(task, queue: str) -> str | None:
+        return queue_after_oom(queue, task.memory_mib, settings.namespace, settings.memory_classes_mib)
+
+    runner = SampleRunner(settings, client, node, args.gpu_label, args.device, oom_route=oom_route)
     _pin_threads(settings.torch_threads)
     bind_runner(runner)
     queues = [q for q in args.queues.split(",") if q]

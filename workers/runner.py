@@ -136,9 +136,15 @@ class SampleRunner:
 
     def _on_error(self, task: VideoTask, queue: str, e: Exception) -> str:
         retryable = isinstance(e, FleetError) and e.retryable
-        if retryable and task.attempt < self.settings.max_attempts:
+        target: str | None = queue
+        if isinstance(e, GpuOutOfMemory):
+            # A sample that ran out of memory goes to the next larger memory class; with none
+            # it fails now: the same GPU would run out again.
+            target = self.oom_route(task, queue) if self.oom_route is not None else None
+            if target is None:
+                e = GpuOutOfMemory(f"{e}; no larger memory class to move it to")
+        if retryable and target is not None and task.attempt < self.settings.max_attempts:
             nxt = task.model_copy(update={"attempt": task.attempt + 1})
-            target = self._retry_queue(task, queue, e)
             failure = self._failure(task.sample_id, task.model_dump(by_alias=True), e, task.attempt, task.category)
             msg = encode_message(
                 TASK_VIDEO, nxt.to_json(), target,
@@ -153,12 +159,6 @@ class SampleRunner:
         self._fail(task.sample_id, task.model_dump(by_alias=True), e, task.attempt, final=True, category=task.category)
         log.error("failed %s (%s): %s", task.sample_id, type(e).__name__, e)
         return "failed"
-
-    def _retry_queue(self, task: VideoTask, queue: str, e: Exception) -> str:
-        """Where the next attempt goes: the same queue, or the next memory class on OOM."""
-        if isinstance(e, GpuOutOfMemory) and self.oom_route is not None:
-            return self.oom_route(task, queue) or queue
-        return queue
 
     def _failure(self, sid: str, payload: object, e: BaseException, attempt: int, category: str) -> FailureRecord:
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))

@@ -1,0 +1,62 @@
+"""``fleet gpus``: the host's GPUs as nvidia-smi shows them, plus the fleet workers on each
+and the sample each is running."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import redis
+
+from fleet.contract import Keys, WorkerEntry
+from fleet.gpu_inventory import GpuSnapshot
+
+
+def live_workers(client: redis.Redis | None, namespace: str, heartbeat_s: float) -> list[WorkerEntry]:
+    """Workers of this host whose heartbeat is recent (3 beats, at least 15 s)."""
+    if client is None:
+        return []
+    host = socket.gethostname()
+    now = time.time()
+    out = []
+    for raw in client.hvals(Keys(namespace).workers):
+        w = WorkerEntry.model_validate_json(raw)
+        if w.hostname == host and now - w.seen_at < max(15.0, 3 * heartbeat_s):
+            out.append(w)
+    return sorted(out, key=lambda w: w.name)
+
+
+def on_gpu(workers: list[WorkerEntry], index: int) -> list[WorkerEntry]:
+    return [w for w in workers if w.gpu != "cpu" and str(index) in w.gpu.split(",")]
+
+
+def as_json(snaps: list[GpuSnapshot], workers: list[WorkerEntry]) -> str:
+    rows = []
+    for s in snaps:
+        d = s.to_dict()
+        d["fleet_workers"] = [{"name": w.name, "pid": w.pid, "sample_id": w.sample_id, "category": w.category}
+                              for w in on_gpu(workers, s.index)]
+        rows.append(d)
+    return json.dumps({"gpus": rows, "cpu_workers": [w.name for w in workers if w.gpu == "cpu"]}, ensure_ascii=False)
+
+
+def table(snaps: list[GpuSnapshot], workers: list[WorkerEntry]):
+    """A rich Table with one row per GPU."""
+    from rich.table import Table
+
+    t = Table(title=f"GPUs of {socket.gethostname()}")
+    for col in ("GPU", "name", "memory used / total", "util", "power", "temp", "processes", "fleet workers"):
+        t.add_column(col)
+    for s in snaps:
+        power = "-" if s.power_w is None else f"{s.power_w:.0f} W" + (f" / {s.power_limit_w:.0f} W" if s.power_limit_w else "")
+        procs = ", ".join(f"{p.pid} {p.user or '?'} {p.used_mib if p.used_mib is not None else '?'} MiB"
+                          for p in s.processes) or "-"
+        ws = "\n".join(f"{w.name} " + (f"running {w.category} {w.sample_id[:12]}" if w.sample_id else "idle")
+                       for w in on_gpu(workers, s.index)) or "-"
+        t.add_row(
+            str(s.index), s.name, f"{s.memory_used_mib} / {s.memory_total_mib} MiB",
+            "-" if s.utilization_pct is None else f"{s.utilization_pct} %", power,
+            "-" if s.temperature_c is None else f"{s.temperature_c} C", procs, ws,
+        )
+    return t

@@ -1,0 +1,96 @@
+"""The real Flower that `fleet up` starts, driven in headless Chromium (Playwright).
+
+Flower learns about workers and tasks only from Celery events, so this checks that the
+workers send them (-E, worker_send_task_events) and that a sample's label (the message's
+argsrepr) reaches the tasks list.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import urllib.request
+
+import pytest
+
+from tests.integration.conftest import LocalFleet, wait_for
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+TASK = "fleet.video.generate"
+
+
+def _get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status, r.read().decode()
+
+
+def test_flower_shows_the_worker_and_the_finished_samples(local_fleet: LocalFleet, video_experiment, tmp_path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("no `chromium` on PATH: install Debian's chromium package (.ci/run does)")
+    f = local_fleet
+    node = f"cpu0@{socket.gethostname()}"
+    labels = ["c/v1 seed 42 prompt 0", "c/v1 seed 42 prompt 1"]
+    exp = video_experiment(videos={"c": ["v1"]}, prompts={"*": ["a boat", "一只猫"]})
+    f.up()
+    wait_for(f.worker_registered, 60, f"worker {node}\n{f.log_tails()}")
+    assert f.enqueue(exp)["enqueued"] == 2
+    wait_for(lambda: f.done_count() == 2, 60, f"2 samples done\n{f.log_tails()}")
+
+    # The endpoints Flower never puts behind authentication.
+    assert _get(f.flower_url + "/healthcheck") == (200, "OK")
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            expect.set_options(timeout=30_000)
+
+            # Workers dashboard (refreshes itself every second from Flower's event state).
+            page.goto(f.flower_url + "/")
+            row = page.locator("#workers-table tbody tr", has_text=node)
+            expect(row).to_have_count(1)
+            expect(row.locator("td").nth(1)).to_have_text("Online")
+            expect(page.locator("#workers-online")).to_have_text("1")
+            # Both task-succeeded events have reached Flower.
+            expect(page.locator("#workers-succeeded")).to_have_text("2")
+            expect(page.locator("#workers-failed")).to_have_text("0")
+            page.screenshot(path=str(tmp_path / "flower-workers.png"), full_page=True)
+
+            # Tasks list (filled by datatables from /tasks/datatable).
+            page.goto(f.flower_url + "/tasks")
+            headers = page.locator("#tasks-table thead th")
+            expect(headers.first).to_be_visible()
+            cols = [h.strip().lower() for h in headers.all_inner_texts()]
+            assert {"name", "state", "args", "worker"} <= set(cols), cols
+            rows = page.locator("#tasks-table tbody tr")
+            expect(rows).to_have_count(2)
+            for label in labels:
+                row = rows.filter(has_text=label)
+                expect(row).to_have_count(1)
+                cells = row.locator("td")
+                expect(cells.nth(cols.index("name"))).to_have_text(TASK)
+                expect(cells.nth(cols.index("args"))).to_have_text(label)
+                expect(cells.nth(cols.index("state"))).to_have_text("SUCCESS")
+                expect(cells.nth(cols.index("worker"))).to_have_text(node)
+            shot = tmp_path / "flower-tasks.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+
+    png = shot.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+    # Prometheus metrics count the same events.
+    status, metrics = _get(f.flower_url + "/metrics")
+    assert status == 200
+    succeeded = re.search(
+        r'^flower_events_total\{(?=[^}]*task="%s")(?=[^}]*type="task-succeeded")(?=[^}]*worker="%s")[^}]*\} (\S+)$'
+        % (re.escape(TASK), re.escape(node)), metrics, re.M)
+    assert succeeded and float(succeeded.group(1)) == 2.0, metrics[-3000:]
