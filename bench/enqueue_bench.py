@@ -45,6 +45,7 @@ import redis
 from fleet.contract import CompletionRecord, Keys, queue_name
 from fleet.enqueue import check_videos, enqueue
 from fleet.experiment import load_experiment
+from fleet.placement import PlacementPolicy, queue_for_sample
 from fleet.planner import payloads, plan_experiment
 from fleet.publisher import Outgoing, publish
 from fleet.records import classify, queued_value
@@ -256,14 +257,17 @@ def split_enqueue(client: redis.Redis, namespace: str, exp_path: Path) -> dict:
         out["videos_probed"] = client.hlen(keys.probes) - probed_before
 
     t = time.perf_counter()
-    queue = queue_name(namespace, "gpu")
+    policy, classes = PlacementPolicy(), []  # enqueue()'s defaults
+    routes = {cat: queue_for_sample(cat, exp.memory_mib, policy, namespace, classes, exp.spec.gpus_per_sample)
+              for cat in {smp.category for smp in todo}}
+    marks = {cat: queued_value(exp.name, cat) for cat in routes}
     items = (
         Outgoing(
             queue=q, task=plan.task_name, payload_json=payload, sample_id=smp.sample_id,
             label=f"{smp.category}/{smp.video.name} seed {smp.seed} prompt {smp.prompt_index}",
-            queued_value=queued_value(exp.name, smp.category),
+            queued_value=marks[smp.category],
         )
-        for smp, q, payload in payloads(plan, todo, lambda _s: queue)
+        for smp, q, payload in payloads(plan, todo, lambda smp: routes[smp.category])
     )
     out["published"] = publish(client, keys, items)
     out["publish_s"] = time.perf_counter() - t

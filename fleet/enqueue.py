@@ -98,6 +98,7 @@ def enqueue(
             raise PlacementError(f"{exp.path}: {e}") from None
     if dry_run:
         return EnqueueResult(len(ids), len(state.done), in_flight, 0, todo)
+    marks = {cat: queued_value(exp.name, cat) for cat in routes}  # the queued hash's value, once per category
     items = (
         Outgoing(
             queue=q,
@@ -105,7 +106,7 @@ def enqueue(
             payload_json=payload,
             sample_id=smp.sample_id,
             label=f"{smp.category}/{smp.video.name} seed {smp.seed} prompt {smp.prompt_index}",
-            queued_value=queued_value(exp.name, smp.category),
+            queued_value=marks[smp.category],
         )
         for smp, q, payload in payloads(plan, todo, lambda smp: routes[smp.category])
     )

@@ -173,10 +173,10 @@ def payloads(plan: Plan, todo: list[Sample], route: Callable[[Sample], str]) -> 
     head = json.dumps(const, ensure_ascii=False)[:-1]
     enc = encode_basestring  # == json.dumps(str, ensure_ascii=False)
     prompt_json: dict[str, str] = {}
-    video, video_part = None, ""
+    video, category, video_part = None, None, ""
     for smp in todo:
-        if smp.video is not video:  # samples of one video come together: its fields once
-            video = smp.video
+        if smp.video is not video or smp.category != category:  # a video's samples come together
+            video, category = smp.video, smp.category
             video_part = (
                 f',"category":{enc(smp.category)},"video":{enc(video.name)},"video_path":{enc(str(video.path))}'
             )

@@ -1,0 +1,77 @@
+"""`fleet up` keeps applying the placement policy while it runs (fake GPU inventory, real
+supervisor, real workers on the CPU): a worker whose GPU a colleague takes finishes its
+sample and stops; it comes back when the GPU is free again."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from fleet.contract import CompletionRecord, WorkerEntry
+from tests.integration.conftest import LocalFleet, pid_gone, wait_for
+
+pytestmark = pytest.mark.integration
+HOST = socket.gethostname()
+
+
+def write_gpus(path: Path, colleague_on: set[int] = frozenset()) -> None:
+    gpus = []
+    for i in (0, 1):
+        used = 75000 if i in colleague_on else 500
+        procs = [{"pid": 999999, "used_mib": 74500, "user": "alice", "name": "train.py"}] if i in colleague_on else []
+        gpus.append({"index": i, "uuid": f"GPU-fake-{i}", "name": "Fake A800", "memory_total_mib": 81920,
+                     "memory_used_mib": used, "memory_free_mib": 81920 - used, "utilization_pct": 90 if procs else 0,
+                     "processes": procs})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(gpus))
+    os.replace(tmp, path)  # readers never see half a file
+
+
+def records(f: LocalFleet) -> list[CompletionRecord]:
+    return [CompletionRecord.model_validate_json(v) for v in f.client.hvals(f.keys.records)]
+
+
+def entry(f: LocalFleet, name: str) -> WorkerEntry | None:
+    raw = f.client.hget(f.keys.workers, f"{name}@{HOST}")
+    return WorkerEntry.model_validate_json(raw) if raw else None
+
+
+def test_workers_yield_to_a_colleague_and_come_back(local_fleet: LocalFleet, video_experiment, tmp_path: Path) -> None:
+    f = local_fleet
+    gpus = tmp_path / "gpus.json"
+    write_gpus(gpus)
+    env = {"FLEET_FAKE_GPUS": str(gpus), "FLEET_PLACEMENT_INTERVAL_S": "0.3"}
+    f.fleet("up", "--min-free-mib", "30000", check=True, **env)
+    wait_for(lambda: entry(f, "gpu0") and entry(f, "gpu1"), 60, "a worker on each fake GPU")
+    pid1 = f.worker_pids()["gpu1"]
+
+    exp = video_experiment(videos={"c": [f"v{i}" for i in range(6)]}, prompts={"*": ["wind"]}, steps=25,
+                           width=96, height=96)
+    assert f.enqueue(exp)["enqueued"] == 6
+    running = wait_for(lambda: (e := entry(f, "gpu1")) is not None and e.sample_id, 120, "gpu1 running a sample")
+
+    write_gpus(gpus, colleague_on={1})  # a colleague takes GPU 1
+    # gpu1 finishes the sample it has (never killed), then stops taking work.
+    wait_for(lambda: pid_gone(pid1), 120, "gpu1 worker to finish its sample and stop")
+    by_sample = {r.sample_id: r for r in records(f)}
+    assert running in by_sample and by_sample[running].worker == f"gpu1@{HOST}"
+    last_gpu1 = max(r.finished_at for r in records(f) if r.worker == f"gpu1@{HOST}")
+    assert last_gpu1 == by_sample[running].finished_at  # nothing after the colleague came
+    wait_for(lambda: "gpu1" not in f.worker_pids(), 30, "the supervisor to drop gpu1")
+    log = (f.logs / "supervisor.log").read_text()
+    assert "GPU 1:" in log and "free <" in log and "stop worker gpu1" in log
+
+    wait_for(lambda: f.done_count() == 6, 180, "gpu0 finishing the rest")
+    assert all(r.worker == f"gpu0@{HOST}" for r in records(f) if r.finished_at > last_gpu1)
+
+    write_gpus(gpus)  # the colleague leaves: gpu1 comes back and takes work again
+    wait_for(lambda: "gpu1" in f.worker_pids() and f.worker_pids()["gpu1"] != pid1, 60, "gpu1 restarted")
+    more = video_experiment(videos={"c": [f"v{i}" for i in range(6)]}, prompts={"*": ["wind", "rain", "snow"]},
+                            steps=25, width=96, height=96)
+    assert f.enqueue(more)["enqueued"] == 12
+    wait_for(lambda: any(r.worker == f"gpu1@{HOST}" and r.finished_at > last_gpu1 for r in records(f)), 180,
+             "gpu1 taking work again")
