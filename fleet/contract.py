@@ -148,7 +148,7 @@ class FailureRecord(_Strict):
     error_type: str
     message: str
     traceback_tail: str
-    retryable: bool
+    retryable: bool = Field(description="True when another attempt was published (the failure is not final)")
     attempt: int
     worker: str
     hostname: str

@@ -83,8 +83,8 @@ def global_status(client: redis.Redis, namespace: str) -> Status:
         st.add(json.loads(v)[1], "queued")
     for v in client.hvals(keys.running):
         st.add(json.loads(v)["task"].get("category", "?"), "running")
-    done = set(client.hkeys(keys.records))
+    settled = set(client.hkeys(keys.records)) | set(client.hkeys(keys.queued)) | set(client.hkeys(keys.running))
     for k, v in client.hgetall(keys.failed).items():
-        if k not in done:
+        if k not in settled:  # a failure that is being retried counts as queued or running
             st.add(json.loads(v)["category"], "failed")
     return st

@@ -145,7 +145,7 @@ class SampleRunner:
                 e = GpuOutOfMemory(f"{e}; no larger memory class to move it to")
         if retryable and target is not None and task.attempt < self.settings.max_attempts:
             nxt = task.model_copy(update={"attempt": task.attempt + 1})
-            failure = self._failure(task.sample_id, task.model_dump(by_alias=True), e, task.attempt, task.category)
+            failure = self._failure(task.sample_id, task.model_dump(by_alias=True), e, task.attempt, task.category, True)
             msg = encode_message(
                 TASK_VIDEO, nxt.to_json(), target,
                 f"{task.category}/{task.video} seed {task.seed} prompt {task.prompt_index} (attempt {nxt.attempt})",
@@ -160,7 +160,10 @@ class SampleRunner:
         log.error("failed %s (%s): %s", task.sample_id, type(e).__name__, e)
         return "failed"
 
-    def _failure(self, sid: str, payload: object, e: BaseException, attempt: int, category: str) -> FailureRecord:
+    def _failure(
+        self, sid: str, payload: object, e: BaseException, attempt: int, category: str, retrying: bool = False
+    ) -> FailureRecord:
+        """``retrying``: another attempt has been published (the record's ``retryable``)."""
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
         experiment = payload.get("experiment", "?") if isinstance(payload, dict) else "?"
         return FailureRecord(
@@ -170,7 +173,7 @@ class SampleRunner:
             error_type=type(e).__name__,
             message=str(e)[:2000],
             traceback_tail="\n".join(tb.strip().splitlines()[-12:]),
-            retryable=isinstance(e, FleetError) and e.retryable,
+            retryable=retrying,
             attempt=attempt,
             worker=self.worker,
             hostname=self.hostname,
