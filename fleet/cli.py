@@ -125,22 +125,32 @@ def worker(ctx: click.Context, gpu: int | None, gpus: str | None, cpu: bool, slo
 @click.argument("experiment", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--category", "categories", multiple=True, help="Only this category (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: total, done, queued, running, failed, by_category.")
+@click.option("--failed", "show_failed", is_flag=True, help="Also list each failed sample with its error.")
 @click.pass_context
 @handles_errors
-def status(ctx: click.Context, experiment: Path | None, categories: tuple[str, ...], as_json: bool) -> None:
+def status(ctx: click.Context, experiment: Path | None, categories: tuple[str, ...], as_json: bool,
+           show_failed: bool) -> None:
     """Done / queued / running / failed, per category and in total."""
     from fleet.broker import connect
-    from fleet.status import experiment_status, global_status
+    from fleet.status import experiment_status, failures, global_status
 
     settings = settings_of(ctx)
     client = connect(settings)
+    ids = None
     if experiment is not None:
         from fleet.experiment import load_experiment
+        from fleet.planner import plan_experiment
 
-        st = experiment_status(client, settings.namespace, load_experiment(experiment, settings.output_dir), list(categories) or None)
+        exp = load_experiment(experiment, settings.output_dir)
+        st = experiment_status(client, settings.namespace, exp, list(categories) or None)
+        if show_failed:
+            ids = {s.sample_id for s in plan_experiment(exp, list(categories) or None).samples}
     else:
         st = global_status(client, settings.namespace)
     d = st.as_dict()
+    failed = failures(client, settings.namespace, ids) if show_failed else []
+    if as_json and show_failed:
+        d["failures"] = [f.model_dump(by_alias=True) for f in failed]
     if as_json:
         click.echo(json.dumps(d, ensure_ascii=False))
         return
@@ -153,7 +163,11 @@ def status(ctx: click.Context, experiment: Path | None, categories: tuple[str, .
     for cat, row in d["by_category"].items():
         t.add_row(cat, *(str(row[k]) for k in ("total", "done", "queued", "running", "failed")))
     t.add_row("[b]all[/b]", *(f"[b]{d[k]}[/b]" for k in ("total", "done", "queued", "running", "failed")))
-    Console().print(t)
+    console = Console()
+    console.print(t)
+    for f in failed:
+        console.print(f"[red]failed[/red] {f.sample_id} {f.category} attempt {f.attempt} on {f.worker}: "
+                      f"{f.error_type}: {f.message}", markup=True, highlight=False)
 
 
 @main.command()

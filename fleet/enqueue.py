@@ -13,13 +13,13 @@ from pathlib import Path
 
 import redis
 
-from fleet.contract import Keys
+from fleet.contract import Keys, queue_name
 from fleet.errors import PlacementError
 from fleet.experiment import LoadedExperiment
 from fleet.placement import PlacementPolicy, queue_for_sample
 from fleet.planner import Plan, Sample, payloads, plan_experiment
 from fleet.publisher import Outgoing, publish
-from fleet.records import classify, queued_value
+from fleet.records import classify, drop_stale_queued, queued_value
 from fleet.video_file import probe
 
 PROBE_OK = "ok"
@@ -84,6 +84,7 @@ def enqueue(
     plan = plan_experiment(exp, categories)
     ids = [s.sample_id for s in plan.samples]
     outs = [s.output_path for s in plan.samples]
+    drop_stale_queued(client, keys, queue_name(namespace, ""))  # a purged queue must not mean "in flight" forever
     state = classify(client, keys, ids, outs)
     todo = [plan.samples[i] for i in state.todo]
     in_flight = len(state.queued) + len(state.running)

@@ -170,3 +170,29 @@ def requeue(
     pipe.hset(keys.queued, sample_id, queued)
     pipe.lpush(queue, message)
     pipe.execute()
+
+
+def drop_stale_queued(client: redis.Redis, keys: Keys, queue_prefix: str) -> int:
+    """Forget queued marks whose message is gone (a purged queue, a Redis restored from an
+    older file); returns how many. Cheap unless the counts disagree: only then are the
+    queues read. Without this such samples would count as in flight forever."""
+    queues = [q for q in client.scan_iter(match=f"{queue_prefix}*", count=1000)]
+    waiting = sum(client.llen(q) for q in queues)
+    unacked = client.hlen("unacked")  # kombu's delivered-not-acked messages (all queues of this db)
+    if client.hlen(keys.queued) <= waiting + unacked:
+        return 0
+    import base64
+
+    live: set[str] = set()
+    raws = [m for q in queues for m in client.lrange(q, 0, -1)]
+    raws += [json.loads(v)[0] for v in client.hvals("unacked")]  # [message, exchange, routing key]
+    for raw in raws:
+        try:
+            env = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
+            live.add(json.loads(base64.b64decode(env["body"]))[0][0]["sample_id"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue  # not one of ours
+    stale = [k for k in client.hkeys(keys.queued) if k.decode() not in live]
+    if stale:
+        client.hdel(keys.queued, *stale)
+    return len(stale)

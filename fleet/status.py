@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from fleet.contract import Keys
+from fleet.contract import FailureRecord, Keys
 from fleet.experiment import LoadedExperiment
 from fleet.planner import plan_experiment
 from fleet.records import classify
@@ -88,3 +88,15 @@ def global_status(client: redis.Redis, namespace: str) -> Status:
         if k not in settled:  # a failure that is being retried counts as queued or running
             st.add(json.loads(v)["category"], "failed")
     return st
+
+
+def failures(client: redis.Redis, namespace: str, ids: set[str] | None = None) -> list[FailureRecord]:
+    """Final failures (not being retried), oldest first; only of ``ids`` when given."""
+    keys = Keys(namespace)
+    settled = set(client.hkeys(keys.records)) | set(client.hkeys(keys.queued)) | set(client.hkeys(keys.running))
+    out = []
+    for k, v in client.hgetall(keys.failed).items():
+        if k in settled or (ids is not None and k.decode() not in ids):
+            continue
+        out.append(FailureRecord.model_validate_json(v))
+    return sorted(out, key=lambda f: f.failed_at)

@@ -13,7 +13,15 @@
 A 2-step 64x64x9-frame sample takes a fraction of a second on one CPU thread. The
 weights come from a fixed seed, so two builds give byte-identical files.
 
-Run as ``python -m workers.tiny_model DIR``.
+Preset ``bench`` (``build_tiny_model(dir, preset="bench")``) is the benchmark model of
+docs/BENCHMARKS.md: a DiT of realistic width (dim 1536, 12 heads, ffn 8960, as
+Wan2.1-T2V-1.3B) with 4 layers, the same tiny text encoder (so the DiT's text_dim is 32),
+and the real-architecture Wan2.1 VAE (random weights; it has the official key hash, so
+diffsynth recognises it without an entry). Weights are stored in bfloat16 (about 0.6 GB)
+and model.json says ``dtype: bfloat16``. On one H100 an 832x480x81 sample with 10 steps
+takes about 9 s; it is far too slow for CPU tests beyond a 1-step 64x64 sample.
+
+Run as ``python -m workers.tiny_model DIR [--preset tiny|bench]``.
 """
 
 from __future__ import annotations
@@ -57,6 +65,17 @@ MODEL_JSON = {
     "dtype": "float32",
 }
 
+# Preset "bench": Wan2.1-T2V-1.3B's DiT width (dim 1536, 12 heads: head_dim 128, 128 // 3 = 42
+# even; ffn 8960, freq_dim 256) with 4 of its 30 layers; text_dim matches the tiny text encoder.
+BENCH_DIT_KWARGS: dict[str, Any] = {
+    "has_image_input": False, "patch_size": [1, 2, 2], "in_dim": 16, "dim": 1536, "ffn_dim": 8960,
+    "freq_dim": 256, "text_dim": TEXT_ENCODER_KWARGS["dim"], "out_dim": 16, "num_heads": 12, "num_layers": 4,
+    "eps": 1e-6,
+}
+BENCH_MODEL_JSON = {**MODEL_JSON, "name": "wan-bench", "dtype": "bfloat16"}
+
+PRESETS = ("tiny", "bench")
+
 _SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in Wan's umt5 tokenizer
 
 
@@ -82,16 +101,24 @@ class TinyWanVideoVAE(WanVideoVAE):
 _ENTRIES: list[dict[str, Any]] | None = None
 
 
-def _build_modules() -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
-    """The three tiny modules with fresh (current RNG) weights: DiT, text encoder, VAE."""
+def _check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise InputError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+
+
+def _build_modules(preset: str = "tiny") -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """The three modules of ``preset`` with fresh (current RNG) weights: DiT, text encoder, VAE."""
     from diffsynth.models.wan_video_dit import WanModel
     from diffsynth.models.wan_video_text_encoder import WanTextEncoder
 
+    _check_preset(preset)
+    if preset == "bench":
+        return WanModel(**BENCH_DIT_KWARGS), WanTextEncoder(**TEXT_ENCODER_KWARGS), WanVideoVAE()
     return WanModel(**DIT_KWARGS), WanTextEncoder(**TEXT_ENCODER_KWARGS), TinyWanVideoVAE(**VAE_KWARGS)
 
 
 def _file_state_dicts(
-    dit: torch.nn.Module, text_encoder: torch.nn.Module, vae: TinyWanVideoVAE
+    dit: torch.nn.Module, text_encoder: torch.nn.Module, vae: WanVideoVAE
 ) -> dict[str, dict[str, torch.Tensor]]:
     """What each weight file holds. The VAE is stored without the ``model.`` prefix, like the
     official Wan2.1_VAE file, so diffsynth's own VAE state-dict converter applies unchanged."""
@@ -103,10 +130,14 @@ def _tiny_entries() -> list[dict[str, Any]]:
     global _ENTRIES
     if _ENTRIES is None:
         from diffsynth.core.loader.file import hash_state_dict_keys
+        from diffsynth.models.wan_video_dit import WanModel
 
         # Meta tensors carry shapes without memory: the hash only needs key names and shapes.
+        # The bench preset's text encoder is the tiny one and its VAE has the official hash,
+        # so only its DiT needs an entry.
         with torch.device("meta"):
             sds = _file_state_dicts(*_build_modules())
+            bench_dit = WanModel(**BENCH_DIT_KWARGS).state_dict()
         _ENTRIES = [
             {
                 "model_hash": hash_state_dict_keys(sds["dit"]),
@@ -128,12 +159,18 @@ def _tiny_entries() -> list[dict[str, Any]]:
                 "extra_kwargs": dict(VAE_KWARGS),
                 "state_dict_converter": "diffsynth.utils.state_dict_converters.wan_video_vae.WanVideoVAEStateDictConverter",
             },
+            {
+                "model_hash": hash_state_dict_keys(bench_dit),
+                "model_name": "wan_video_dit",
+                "model_class": "diffsynth.models.wan_video_dit.WanModel",
+                "extra_kwargs": dict(BENCH_DIT_KWARGS),
+            },
         ]
     return _ENTRIES
 
 
 def register_tiny_models() -> None:
-    """Append the tiny models to diffsynth's MODEL_CONFIGS, once.
+    """Append the tiny models (and the bench preset's DiT) to diffsynth's MODEL_CONFIGS, once.
 
     Idempotent on purpose: diffsynth loads a file once per matching entry, so a duplicate
     entry would load the DiT twice (as dit and dit2) instead of failing loudly.
@@ -166,20 +203,33 @@ def _save_tokenizer(folder: Path) -> None:
     fast.save_pretrained(str(folder))
 
 
-def _write_files(folder: Path) -> None:
+def _model_json(preset: str) -> dict[str, Any]:
+    return BENCH_MODEL_JSON if preset == "bench" else MODEL_JSON
+
+
+def _write_files(folder: Path, preset: str = "tiny") -> None:
     """Write every file of the model into ``folder`` (which is still private to the builder)."""
     from safetensors.torch import save_file
 
+    desc = _model_json(preset)
+    # Stored in the dtype the model runs in: half the bytes to write and load for bench.
+    store = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[desc["dtype"]]
     # fork_rng: seeding must not disturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        sds = _file_state_dicts(*_build_modules())
+        sds = _file_state_dicts(*_build_modules(preset))
     for name, sd in sds.items():
         # clone: safetensors refuses tensors that share storage; contiguous for the same reason.
-        save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, str(folder / f"{name}.safetensors"))
-    _save_tokenizer(folder / MODEL_JSON["tokenizer"])
+        tensors = {}
+        for k, v in sd.items():
+            v = v.detach()
+            if store is not None and v.is_floating_point():
+                v = v.to(store)
+            tensors[k] = v.contiguous().clone()
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+    _save_tokenizer(folder / desc["tokenizer"])
     # model.json last: its presence marks a complete model.
-    (folder / "model.json").write_text(json.dumps(MODEL_JSON, indent=2) + "\n", encoding="utf-8")
+    (folder / "model.json").write_text(json.dumps(desc, indent=2) + "\n", encoding="utf-8")
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -198,13 +248,15 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-def build_tiny_model(dir: Path) -> dict[str, Any]:
-    """Write the tiny model into ``dir`` atomically; return model.json's content (relative names).
+def build_tiny_model(dir: Path, preset: str = "tiny") -> dict[str, Any]:
+    """Write the tiny model (or the ``bench`` preset, see the module docstring) into ``dir``
+    atomically; return model.json's content (relative names).
 
     The files are built in a hidden temporary folder next to ``dir`` and renamed into place,
     so a killed build leaves at most a ``.<name>.*.tmp`` folder, never a half-written ``dir``.
     An existing ``dir`` (empty, or an earlier build) is replaced.
     """
+    _check_preset(preset)
     dir = Path(dir).absolute()
     if dir.exists() and (not dir.is_dir() or (any(dir.iterdir()) and not _is_tiny_model(dir))):
         # Never replace a user's folder: only an empty one or an earlier tiny build.
@@ -213,7 +265,7 @@ def build_tiny_model(dir: Path) -> dict[str, Any]:
     tmp = dir.parent / f".{dir.name}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
     try:
-        _write_files(tmp)
+        _write_files(tmp, preset)
         _fsync_tree(tmp)
         if dir.exists() and any(dir.iterdir()):
             # A folder can't be renamed over a non-empty one: move the old one aside first.
@@ -226,12 +278,13 @@ def build_tiny_model(dir: Path) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dict(MODEL_JSON)
+    return dict(_model_json(preset))
 
 
 def _is_tiny_model(dir: Path) -> bool:
     try:
-        return json.loads((dir / "model.json").read_text(encoding="utf-8")).get("name") == MODEL_JSON["name"]
+        name = json.loads((dir / "model.json").read_text(encoding="utf-8")).get("name")
+        return name in (MODEL_JSON["name"], BENCH_MODEL_JSON["name"])
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -253,9 +306,11 @@ def spec_from_dir(dir: Path) -> ModelSpec:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers.tiny_model", description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, help="new or empty folder (or an earlier tiny build, replaced)")
+    parser.add_argument("--preset", choices=PRESETS, default="tiny",
+                        help="tiny (tests, demo) or bench (realistic DiT width and the real VAE, bf16)")
     args = parser.parse_args(argv)
     try:
-        build_tiny_model(args.dir)
+        build_tiny_model(args.dir, args.preset)
     except InputError as e:
         print(f"fleet: error: {e}", file=sys.stderr)
         return 1

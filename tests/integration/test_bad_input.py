@@ -96,3 +96,12 @@ def test_dry_run_publishes_nothing(fleet_ns: Fleet, video_experiment) -> None:
     d = json.loads(fleet_ns.fleet("enqueue", str(exp), "--dry-run", "--json", check=True).stdout)
     assert d["planned"] == 4 and d["enqueued"] == 0 and len(d["would_enqueue"]) == 4
     assert fleet_ns.client.llen(queue_name(fleet_ns.namespace, "gpu")) == 0
+
+
+def test_a_purged_queue_does_not_leave_samples_in_flight_forever(fleet_ns: Fleet, video_experiment) -> None:
+    exp = video_experiment()
+    assert fleet_ns.enqueue(exp)["enqueued"] == 4
+    fleet_ns.client.delete(queue_name(fleet_ns.namespace, "gpu"))  # `celery purge`, or a lost queue
+    again = fleet_ns.enqueue(exp)
+    assert (again["in_flight"], again["enqueued"]) == (0, 4)
+    assert fleet_ns.enqueue(exp)["in_flight"] == 4  # and the marks are right again

@@ -121,8 +121,11 @@ def test_bad_input_fails_at_once_without_retry(fleet_ns: Fleet, runner_for, tmp_
     assert (f.error_type, f.retryable, f.attempt) == ("InputError", False, 1)
     assert "moov atom not found" in f.traceback_tail
     assert fleet_ns.client.llen(queue_name(fleet_ns.namespace, "gpu")) == 0
-    st = json.loads(fleet_ns.fleet("status", "--json", check=True).stdout)
+    st = json.loads(fleet_ns.fleet("status", "--json", "--failed", check=True).stdout)
     assert st["failed"] == 1 and st["by_category"]["c"]["failed"] == 1
+    assert [(x["error_type"], x["sample_id"]) for x in st["failures"]] == [("InputError", "s" * 32)]
+    text = fleet_ns.fleet("status", "--failed", check=True).stdout
+    assert "InputError" in text and "moov atom not found" in text
 
 
 def test_invalid_payload_is_recorded_not_run(fleet_ns: Fleet, runner_for, tmp_path: Path) -> None:
