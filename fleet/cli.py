@@ -157,17 +157,19 @@ def status(ctx: click.Context, experiment: Path | None, categories: tuple[str, .
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="fleet status" + (f": {experiment}" if experiment else ""))
+    from rich.markup import escape
+
+    t = Table(title="fleet status" + (f": {escape(str(experiment))}" if experiment else ""))
     for col in ("category", "total", "done", "queued", "running", "failed"):
         t.add_column(col, justify="left" if col == "category" else "right")
     for cat, row in d["by_category"].items():
-        t.add_row(cat, *(str(row[k]) for k in ("total", "done", "queued", "running", "failed")))
+        t.add_row(escape(cat), *(str(row[k]) for k in ("total", "done", "queued", "running", "failed")))
     t.add_row("[b]all[/b]", *(f"[b]{d[k]}[/b]" for k in ("total", "done", "queued", "running", "failed")))
     console = Console()
     console.print(t)
     for f in failed:
-        console.print(f"[red]failed[/red] {f.sample_id} {f.category} attempt {f.attempt} on {f.worker}: "
-                      f"{f.error_type}: {f.message}", markup=True, highlight=False)
+        console.print(f"[red]failed[/red] {f.sample_id} {escape(f.category)} attempt {f.attempt} on {escape(f.worker)}: "
+                      f"{f.error_type}: {escape(f.message)}", highlight=False)
 
 
 @main.command()

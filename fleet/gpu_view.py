@@ -43,6 +43,7 @@ def as_json(snaps: list[GpuSnapshot], workers: list[WorkerEntry]) -> str:
 
 def table(snaps: list[GpuSnapshot], workers: list[WorkerEntry]):
     """A rich Table with one row per GPU."""
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"GPUs of {socket.gethostname()}")
@@ -50,12 +51,12 @@ def table(snaps: list[GpuSnapshot], workers: list[WorkerEntry]):
         t.add_column(col)
     for s in snaps:
         power = "-" if s.power_w is None else f"{s.power_w:.0f} W" + (f" / {s.power_limit_w:.0f} W" if s.power_limit_w else "")
-        procs = ", ".join(f"{p.pid} {p.user or '?'} {p.used_mib if p.used_mib is not None else '?'} MiB"
+        procs = ", ".join(f"{p.pid} {escape(p.user or '?')} {p.used_mib if p.used_mib is not None else '?'} MiB"
                           for p in s.processes) or "-"
-        ws = "\n".join(f"{w.name} " + (f"running {w.category} {w.sample_id[:12]}" if w.sample_id else "idle")
+        ws = "\n".join(escape(f"{w.name} " + (f"running {w.category} {w.sample_id[:12]}" if w.sample_id else "idle"))
                        for w in on_gpu(workers, s.index)) or "-"
         t.add_row(
-            str(s.index), s.name, f"{s.memory_used_mib} / {s.memory_total_mib} MiB",
+            str(s.index), escape(s.name), f"{s.memory_used_mib} / {s.memory_total_mib} MiB",
             "-" if s.utilization_pct is None else f"{s.utilization_pct} %", power,
             "-" if s.temperature_c is None else f"{s.temperature_c} C", procs, ws,
         )
