@@ -35,30 +35,46 @@ class Classified:
 
 
 def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Sequence[str]) -> Classified:
-    """Which planned samples are done (record and file), queued, running, or still to do."""
-    done: set[str] = set()
-    queued: set[str] = set()
+    """Which planned samples are done (record and file), queued, running, or still to do.
+
+    Reads, in this order: the running hash, the done set (SMISMEMBER), then - only for the
+    samples not done - the queued hash (HMGET), and the running hash again. Skipping the
+    queued marks of done samples halves the Redis work of a re-run that is mostly done.
+    The order catches every sample in transit: queued -> running (claim) is seen by
+    reading queued before running; running -> queued (requeue) and running -> done by
+    the first read of running. Running means running in either read.
+    """
+    n = len(ids)
     running = {k.decode() for k in client.hkeys(keys.running)}
     pipe = client.pipeline(transaction=False)
-    for i in range(0, len(ids), CHUNK):
-        chunk = list(ids[i : i + CHUNK])
-        pipe.smismember(keys.done, chunk)
-        pipe.hmget(keys.queued, chunk)
+    for i in range(0, n, CHUNK):
+        pipe.smismember(keys.done, list(ids[i : i + CHUNK]))
+    in_done = [d for part in pipe.execute() for d in part] if n else []
+    done: set[str] = set()
+    rest: list[int] = []  # not done: queued, running or to do
+    exists = os.path.exists
+    for k, d in enumerate(in_done):
+        if d and exists(outputs[k]):
+            done.add(ids[k])
+        else:
+            rest.append(k)
+    pipe = client.pipeline(transaction=False)
+    for i in range(0, len(rest), CHUNK):
+        pipe.hmget(keys.queued, [ids[k] for k in rest[i : i + CHUNK]])
+    pipe.hkeys(keys.running)
     answers = pipe.execute()
+    running.update(k.decode() for k in answers[-1])
+    in_queue = [q for part in answers[:-1] for q in part]
+    queued: set[str] = set()
     todo: list[int] = []
-    for c, i in enumerate(range(0, len(ids), CHUNK)):
-        in_done, in_queue = answers[2 * c], answers[2 * c + 1]
-        for j, (d, q) in enumerate(zip(in_done, in_queue)):
-            k = i + j
-            sid = ids[k]
-            if d and os.path.exists(outputs[k]):
-                done.add(sid)
-            elif sid in running:
-                pass
-            elif q is not None:
-                queued.add(sid)
-            else:
-                todo.append(k)
+    for k, q in zip(rest, in_queue):
+        sid = ids[k]
+        if sid in running:
+            pass
+        elif q is not None:
+            queued.add(sid)
+        else:
+            todo.append(k)
     return Classified(done, queued, running & set(ids), todo)
 
 

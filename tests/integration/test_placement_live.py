@@ -54,6 +54,12 @@ def test_workers_yield_to_a_colleague_and_come_back(local_fleet: LocalFleet, vid
     assert f.enqueue(exp)["enqueued"] == 6
     running = wait_for(lambda: (e := entry(f, "gpu1")) is not None and e.sample_id, 120, "gpu1 running a sample")
 
+    shown = json.loads(f.fleet("gpus", "--json", check=True, **env).stdout)
+    on1 = shown["gpus"][1]["fleet_workers"]
+    assert [w["name"] for w in shown["gpus"][0]["fleet_workers"]] == [f"gpu0@{HOST}"]
+    assert [w["name"] for w in on1] == [f"gpu1@{HOST}"] and on1[0]["sample_id"] in (*(r.sample_id for r in records(f)), running, None)
+    assert shown["gpus"][1]["memory_total_mib"] == 81920
+
     write_gpus(gpus, colleague_on={1})  # a colleague takes GPU 1
     # gpu1 finishes the sample it has (never killed), then stops taking work.
     wait_for(lambda: pid_gone(pid1), 120, "gpu1 worker to finish its sample and stop")
