@@ -35,6 +35,11 @@ def records(f: LocalFleet) -> list[CompletionRecord]:
     return [CompletionRecord.model_validate_json(v) for v in f.client.hvals(f.keys.records)]
 
 
+def known_ids(f: LocalFleet) -> set[str]:
+    """Every sample id the fleet has seen (queued, running or done)."""
+    return {k.decode() for h in (f.keys.queued, f.keys.running, f.keys.records) for k in f.client.hkeys(h)}
+
+
 def entry(f: LocalFleet, name: str) -> WorkerEntry | None:
     raw = f.client.hget(f.keys.workers, f"{name}@{HOST}")
     return WorkerEntry.model_validate_json(raw) if raw else None
@@ -57,7 +62,7 @@ def test_workers_yield_to_a_colleague_and_come_back(local_fleet: LocalFleet, vid
     shown = json.loads(f.fleet("gpus", "--json", check=True, **env).stdout)
     on1 = shown["gpus"][1]["fleet_workers"]
     assert [w["name"] for w in shown["gpus"][0]["fleet_workers"]] == [f"gpu0@{HOST}"]
-    assert [w["name"] for w in on1] == [f"gpu1@{HOST}"] and on1[0]["sample_id"] in (*(r.sample_id for r in records(f)), running, None)
+    assert [w["name"] for w in on1] == [f"gpu1@{HOST}"] and on1[0]["sample_id"] in known_ids(f) | {None}
     assert shown["gpus"][1]["memory_total_mib"] == 81920
 
     write_gpus(gpus, colleague_on={1})  # a colleague takes GPU 1
