@@ -48,7 +48,7 @@ from fleet.experiment import load_experiment
 from fleet.placement import PlacementPolicy, queue_for_sample
 from fleet.planner import payloads, plan_experiment
 from fleet.publisher import Outgoing, publish
-from fleet.records import classify, queued_value
+from fleet.records import classify, drop_stale_queued, queued_value
 
 PROMPTS_PER_VIDEO = 50
 SEEDS = [42, 142]
@@ -245,6 +245,10 @@ def split_enqueue(client: redis.Redis, namespace: str, exp_path: Path) -> dict:
         out["plan_decodes"] = opens.take()
 
         t = time.perf_counter()
+        drop_stale_queued(client, keys, queue_name(namespace, ""))
+        out["stale_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
         state = classify(client, keys, ids, outs)
         todo = [plan.samples[i] for i in state.todo]
         out["classify_s"] = time.perf_counter() - t
@@ -271,7 +275,7 @@ def split_enqueue(client: redis.Redis, namespace: str, exp_path: Path) -> dict:
     )
     out["published"] = publish(client, keys, items)
     out["publish_s"] = time.perf_counter() - t
-    out["total_s"] = sum(out[k] for k in ("load_s", "plan_s", "classify_s", "probe_s", "publish_s"))
+    out["total_s"] = sum(out[k] for k in ("load_s", "plan_s", "stale_s", "classify_s", "probe_s", "publish_s"))
     out["counts"] = {"planned": len(ids), "done": len(state.done), "in_flight": len(state.queued) + len(state.running),
                      "todo": len(todo)}
     return out
@@ -341,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     # ---- report ----
-    phases = ["load_s", "plan_s", "classify_s", "probe_s", "publish_s"]
+    phases = ["load_s", "plan_s", "stale_s", "classify_s", "probe_s", "publish_s"]
     print(f"\nfleet enqueue bench: {expected} samples ({n_videos} videos x {PROMPTS_PER_VIDEO} prompts x {len(SEEDS)} seeds), "
           f"{cores} cores, Python {platform.python_version()}, Redis {client.info('server')['redis_version']} at {args.redis}")
     print(f"(setup, untimed: dataset {build_s:.1f} s, marking {expected} done with output files {mark_s:.1f} s)\n")

@@ -112,7 +112,7 @@ def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None) 
                 raise InputError(f"{exp.prompts}: no prompts for video {v.name!r} of category {cat!r} ({v.path})")
             vcid = video_cid[v.path]
             cid = vcid if motion else ""
-            folder = os.path.join(cat_dir, f"ref_{v.name}{size}")  # == str(exp.output / cat / f"ref_...")
+            folder = os.path.join(cat_dir, f"ref_{v.name}{size}") + os.sep  # str(exp.output / cat / f"ref_...") + "/"
             head_video = f"[{enc(common)}, {enc(cat)}, {enc(v.name)}, {enc(cid)}, "
             for pi, prompt in enumerate(plist):
                 pj = prompt_json.get(prompt)
@@ -122,7 +122,7 @@ def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None) 
                 for seed, seed_b, stem in seeds:
                     h = head.copy()
                     h.update(seed_b)
-                    append(Sample(h.hexdigest()[:32], cat, v, vcid, prompt, pi, seed, os.path.join(folder, f"{stem}{pi}.mp4")))
+                    append(Sample(h.hexdigest()[:32], cat, v, vcid, prompt, pi, seed, f"{folder}{stem}{pi}.mp4"))
     return Plan(exp, samples, list(zip(videos, cids)))
 
 

@@ -50,7 +50,7 @@ def worker_command(
     else:
         ids = [gpu] if gpu is not None else _parse_gpus(gpus or "")
         label = ",".join(str(i) for i in ids)
-        name = "gpu" + "-".join(str(i) for i in ids) + (f"s{slot}" if slot else "")
+        name = ("gpus" if len(ids) > 1 else "gpu") + "-".join(str(i) for i in ids) + (f"s{slot}" if slot else "")
         env["CUDA_VISIBLE_DEVICES"] = label
         dev = device if device != "auto" else ("cpu" if os.environ.get(FAKE_GPUS_ENV) else "cuda")
     if device != "auto":

@@ -86,3 +86,27 @@ def test_workers_yield_to_a_colleague_and_come_back(local_fleet: LocalFleet, vid
     assert f.enqueue(more)["enqueued"] == 12
     wait_for(lambda: any(r.worker == f"gpu1@{HOST}" and r.finished_at > last_gpu1 for r in records(f)), 180,
              "gpu1 taking work again")
+
+
+def test_multi_gpu_work_goes_first_on_a_group_worker(local_fleet: LocalFleet, video_experiment, tmp_path: Path) -> None:
+    f = local_fleet
+    gpus = tmp_path / "gpus.json"
+    write_gpus(gpus)
+    env = {"FLEET_FAKE_GPUS": str(gpus), "FLEET_PLACEMENT_INTERVAL_S": "0.3"}
+    f.fleet("up", check=True, **env)
+    wait_for(lambda: entry(f, "gpu0") and entry(f, "gpu1"), 60, "a worker on each fake GPU")
+
+    single = video_experiment(videos={"one": ["a", "b"]}, prompts={"*": ["x"]}, root=tmp_path / "single")
+    multi = video_experiment(videos={"two": ["m"]}, prompts={"*": ["y", "z"]}, gpus_per_sample=2,
+                             root=tmp_path / "multi")
+    assert f.enqueue(multi)["enqueued"] == 2
+    assert f.client.llen("fleet.q.gpus2") == 2
+    # The single-GPU workers make way (after their sample); a worker holding both GPUs takes the work.
+    wait_for(lambda: sum(r.gpu == "0,1" for r in records(f)) == 2, 120, "both 2-GPU samples done")
+    assert {r.worker for r in records(f)} == {f"gpus0-1@{HOST}"}
+    log = (f.logs / "supervisor.log").read_text()
+    assert "2-GPU work queued: group of GPUs [0, 1]" in log
+    # With no multi-GPU work left, the group is released and single-GPU work runs again.
+    assert f.enqueue(single)["enqueued"] == 2
+    wait_for(lambda: sum(r.gpu in ("0", "1") for r in records(f)) == 2, 120, "single-GPU samples done")
+    wait_for(lambda: "gpus0-1" not in f.worker_pids(), 30, "the group worker stopped")
