@@ -126,13 +126,31 @@ class SampleRunner:
             model_load_s=round(result.model_load_s, 4),
             finished_at=time.time(),
         )
-        records.complete(self.client, self.keys, record)
+        # The output is in place: a Redis restart must not make the worker forget it made it.
+        self._persist(lambda: records.complete(self.client, self.keys, record), f"the record of {task.sample_id}")
         log.info(
             "done %s in %.2fs (model %s) -> %s",
             task.sample_id, record.duration_s,
             f"loaded in {record.model_load_s:.2f}s" if record.model_loaded else "resident", record.output_path,
         )
         return "done"
+
+    def _persist(self, write: Callable[[], None], what: str) -> None:
+        """Run a Redis write, retrying through a Redis restart (up to redis_retry_s)."""
+        deadline = time.monotonic() + self.redis_retry_s
+        delay = 0.2
+        while True:
+            try:
+                write()
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("cannot write %s (%s); retrying in %.1f s", what, e, delay)
+                time.sleep(delay)
+                delay = min(5.0, delay * 2)
+
+    redis_retry_s = 300.0  # how long a finished sample's record waits for Redis to come back
 
     def _on_error(self, task: VideoTask, queue: str, e: Exception) -> str:
         retryable = isinstance(e, FleetError) and e.retryable
@@ -150,9 +168,10 @@ class SampleRunner:
                 TASK_VIDEO, nxt.to_json(), target,
                 f"{task.category}/{task.video} seed {task.seed} prompt {task.prompt_index} (attempt {nxt.attempt})",
             )
-            records.requeue(
-                self.client, self.keys, task.sample_id, target, msg,
-                records.queued_value(task.experiment, task.category), failure,
+            queued = records.queued_value(task.experiment, task.category)
+            self._persist(
+                lambda: records.requeue(self.client, self.keys, task.sample_id, target, msg, queued, failure),
+                f"the retry of {task.sample_id}",
             )
             log.warning("retry %s (attempt %d -> %d) on %s: %s", task.sample_id, task.attempt, nxt.attempt, target, e)
             return "retried"
@@ -183,7 +202,8 @@ class SampleRunner:
 
     def _fail(self, sid: str, payload: object, e: BaseException, attempt: int, final: bool, category: str | None = None) -> None:
         cat = category or (str(payload.get("category", "?")) if isinstance(payload, dict) else "?")
-        records.fail(self.client, self.keys, self._failure(sid, payload, e, attempt, cat), final=final)
+        failure = self._failure(sid, payload, e, attempt, cat)
+        self._persist(lambda: records.fail(self.client, self.keys, failure, final=final), f"the failure of {sid}")
         if isinstance(payload, dict):
             records.release(self.client, self.keys, sid)
 

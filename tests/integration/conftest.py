@@ -182,6 +182,7 @@ def own_redis(tmp_path: Path) -> Iterator[Callable[[], str]]:
         wait_for(lambda: _pings(url), 20, "private redis")
         return url
 
+    start.procs = procs  # type: ignore[attr-defined]  # tests that kill it reach the process here
     yield start
     for p in procs:
         if p.poll() is None:
