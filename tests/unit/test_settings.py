@@ -69,3 +69,19 @@ def test_unknown_env_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_settings(tmp_path / "nope.yaml")
+
+
+def test_the_example_config_in_ops_loads() -> None:
+    s = load_settings(Path(__file__).resolve().parents[2] / "ops" / "fleet.example.yaml")
+    assert s.placement.reserve == 1 and s.placement.assignment == {"camera_motion": [0]}
+    assert s.memory_classes_mib == [40000, 81000]
+
+
+def test_nested_placement_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEET_PLACEMENT__RESERVE", "2")
+    monkeypatch.setenv("FLEET_PLACEMENT__EXCLUDE_GPUS", "[1, 3]")
+    s = load_settings()
+    assert (s.placement.reserve, s.placement.exclude_gpus) == (2, [1, 3])
+    monkeypatch.setenv("FLEET_PLACEMENT__RESERVED", "2")
+    with pytest.raises(ConfigError, match="FLEET_PLACEMENT__RESERVED"):
+        load_settings()
