@@ -18,8 +18,8 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from operator import itemgetter
 from json.encoder import encode_basestring  # what json.dumps(str, ensure_ascii=False) returns, without its set-up
+from operator import itemgetter
 
 import redis
 
