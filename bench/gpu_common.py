@@ -54,6 +54,17 @@ class Deadline:
             raise BenchError(f"out of time: {what} needs about {seconds:.0f} s, {self.left():.0f} s left")
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``timeout``, a scheduler) into SystemExit, so that every ``finally`` runs
+    and the fleets started here are stopped: they live in sessions of their own and would
+    otherwise outlive this process, holding GPUs."""
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 

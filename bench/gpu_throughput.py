@@ -22,8 +22,8 @@ the model, is left out the same way on both sides. With two slots both slots' fi
 samples pay a load, so "steady" counts only what ends after every slot has finished its
 first sample (over that window); with one slot the two figures are equal.
 Targets (DESIGN §5): fleet / bare >= 0.97 with one slot; packed two / one >= 1.3 where
-the bare loop leaves the GPU idle. NVML utilisation of GPU 0 is sampled at 10 Hz during
-each way (GPU runs only).
+the bare loop leaves the GPU idle. NVML utilisation of GPU 0 is sampled at 10 Hz and
+averaged over each way's measured window (GPU runs only).
 
 On CPU (``--device cpu``) the fleet's workers run on a fake one-GPU inventory
 (FLEET_FAKE_GPUS), so they are named and queued like GPU workers but compute on the CPU.
@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ from gpu_common import (  # noqa: E402
     UtilSampler,
     base_env,
     build_models,
+    exit_on_sigterm,
     fake_gpu_file,
     log,
     make_dataset,
@@ -138,7 +140,7 @@ def run_bare(args, work: Path, exp_path: Path, n: int, deadline: Deadline) -> di
     steady = [row["duration_s"] - row["model_load_s"] for row in rows]
     return {
         "samples": len(rows),
-        "window": [t0, max(ends)],
+        "window": [min(ends), max(ends)],  # where throughput is measured (NVML utilisation too)
         "throughput_per_s": simple_throughput(ends),
         "mean_sample_s": round(sum(steady) / len(steady), 4),
         "mean_sample_s_after_first": round(sum(steady[1:]) / max(1, len(steady) - 1), 4),
@@ -169,7 +171,9 @@ def run_fleet(args, work: Path, name: str, exp_path: Path, n: int, deadline: Dea
             log(f"{name}: WARNING {len(stats['workers'])} workers made samples, expected {expect_workers}")
         out = {
             "samples": len(recs), "enqueue": enq, "status": {k: status[k] for k in ("total", "done", "failed")},
-            "window": [t0, recs[-1].finished_at],
+            # Where the steady throughput is measured (every slot past its first sample); NVML too.
+            "window": ([recs[-1].finished_at - stats["throughput_steady"]["window_s"], recs[-1].finished_at]
+                       if stats["throughput_steady"] else [recs[0].finished_at, recs[-1].finished_at]),
             "throughput_per_s": stats["throughput_simple_per_s"],
             "throughput_steady_per_s": stats["throughput_steady"]["per_s"] if stats["throughput_steady"] else None,
             "mean_sample_s": stats["mean_sample_s"],
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--packed-frames", type=int, default=33)
     p.add_argument("--packed-steps", type=int, default=20)
     p.add_argument("--packed-slots", type=int, default=2)
-    p.add_argument("--budget-s", type=float, default=450, help="wall-clock budget of the whole run")
+    p.add_argument("--budget-s", type=float, default=420, help="wall-clock budget of the whole run")
     p.add_argument("--out", help="JSON result file (default $OUT/gpu_throughput.json)")
     p.add_argument("--work", help="work folder (default: a temporary one, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -264,10 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                 if sampler and r.get("window"):
                     r["nvml_gpu0"] = sampler.mean_util(0, *r["window"])
                 res["phases"][name] = r
-            except BenchError as e:
+            except Exception as e:  # noqa: BLE001 - one phase's fault must not cost the others
                 ok = False
-                log(f"{name}: FAILED: {str(e).splitlines()[0][:300]}")
-                res["errors"].append({"phase": name, "error": str(e)[-6000:]})
+                msg = str(e) if isinstance(e, BenchError) else traceback.format_exc()
+                log(f"{name}: FAILED: {(msg.splitlines() or [''])[0][:300]}")
+                res["errors"].append({"phase": name, "error": msg[-6000:]})
             write_json(out_path, res)
 
         if "bare" in phases:
@@ -287,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         ok = False
         log(f"FAILED: {str(e).splitlines()[0][:300]}")
         res["errors"].append({"phase": "setup", "error": str(e)[-6000:]})
+    except SystemExit:
+        res["errors"].append({"phase": "all", "error": "interrupted (SIGTERM): stopped the fleets and wrote what was done"})
+        raise
     finally:
         if sampler:
             sampler.stop()
@@ -349,4 +357,5 @@ def print_table(res: dict) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    exit_on_sigterm()
     sys.exit(main())

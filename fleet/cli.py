@@ -136,19 +136,15 @@ def status(ctx: click.Context, experiment: Path | None, categories: tuple[str, .
 
     settings = settings_of(ctx)
     client = connect(settings)
-    ids = None
     if experiment is not None:
         from fleet.experiment import load_experiment
-        from fleet.planner import plan_experiment
 
         exp = load_experiment(experiment, settings.output_dir)
         st = experiment_status(client, settings.namespace, exp, list(categories) or None)
-        if show_failed:
-            ids = {s.sample_id for s in plan_experiment(exp, list(categories) or None).samples}
     else:
         st = global_status(client, settings.namespace)
     d = st.as_dict()
-    failed = failures(client, settings.namespace, ids) if show_failed else []
+    failed = failures(client, settings.namespace, st.sample_ids) if show_failed else []
     if as_json and show_failed:
         d["failures"] = [f.model_dump(by_alias=True) for f in failed]
     if as_json:

@@ -45,7 +45,9 @@ class Keys:
         self.queued = f"{ns}:queued"  # HASH sample id -> task payload JSON (published, not started)
         self.running = f"{ns}:running"  # HASH sample id -> RunningEntry JSON
         self.deliveries = f"{ns}:deliveries"  # HASH sample id -> times the sample started
-        self.probes = f"{ns}:probes"  # HASH video content id -> probe JSON (frames, size) or error
+        self.probes = f"{ns}:probes"  # HASH video content id -> "ok" once it decoded
+        # HASH "<path>|<size>|<mtime_ns>|<inode>" -> content id: re-plans hash no unchanged video
+        self.content_ids = f"{ns}:content_ids"
         self.workers = f"{ns}:workers"  # HASH worker name -> WorkerEntry JSON (heartbeat, current sample)
         self.reaper_lock = f"{ns}:lock:reaper"
 

@@ -19,7 +19,7 @@ from fleet.experiment import LoadedExperiment
 from fleet.placement import PlacementPolicy, queue_for_sample
 from fleet.planner import Plan, Sample, payloads, plan_experiment
 from fleet.publisher import Outgoing, publish
-from fleet.records import classify, drop_stale_queued, queued_value
+from fleet.records import RedisContentIds, classify, drop_stale_queued, queued_value
 from fleet.video_file import probe
 
 PROBE_OK = "ok"
@@ -81,7 +81,7 @@ def enqueue(
     class, or any GPU); an impossible need fails here, before anything is published.
     """
     keys = Keys(namespace)
-    plan = plan_experiment(exp, categories)
+    plan = plan_experiment(exp, categories, RedisContentIds(client, keys))
     ids = [s.sample_id for s in plan.samples]
     outs = [s.output_path for s in plan.samples]
     drop_stale_queued(client, keys, queue_name(namespace, ""))  # a purged queue must not mean "in flight" forever

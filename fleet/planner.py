@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 from json.encoder import encode_basestring  # == json.dumps(str, ensure_ascii=False)
 from pathlib import Path
 
@@ -70,7 +71,17 @@ def _common_fields(exp: LoadedExperiment) -> dict:
     return common
 
 
-def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None) -> Plan:
+class ContentIdCache(Protocol):
+    """Content ids by file identity (path, size, mtime, inode), so unchanged videos are not read."""
+
+    def get_many(self, stat_keys: list[str]) -> list[str | None]: ...
+
+    def put_many(self, found: dict[str, str]) -> None: ...
+
+
+def plan_experiment(
+    exp: LoadedExperiment, categories: list[str] | None = None, cid_cache: ContentIdCache | None = None
+) -> Plan:
     """Every sample of the experiment (optionally of some categories), in a stable order.
 
     Raises InputError for a prompts file that is malformed or names a missing video,
@@ -87,8 +98,7 @@ def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None) 
     _check_prompt_names(exp, prompts, scan_dataset(exp.dataset) if only else by_cat)
 
     videos = [v for vs in by_cat.values() for v in vs]
-    with ThreadPoolExecutor(max_workers=8) as pool:  # reading 2 MiB per video is I/O-bound
-        cids = list(pool.map(lambda v: _cid(v.path), videos))
+    cids = _content_ids(videos, cid_cache)
     video_cid = dict(zip((v.path for v in videos), cids))
 
     common = hashlib.sha256(json.dumps(_common_fields(exp), sort_keys=True).encode()).hexdigest()
@@ -124,6 +134,30 @@ def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None) 
                     h.update(seed_b)
                     append(Sample(h.hexdigest()[:32], cat, v, vcid, prompt, pi, seed, f"{folder}{stem}{pi}.mp4"))
     return Plan(exp, samples, list(zip(videos, cids)))
+
+
+def _stat_key(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read reference video: {e.strerror or e}") from None
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def _content_ids(videos: list[ReferenceVideo], cache: ContentIdCache | None) -> list[str]:
+    """Each video's content id: from the cache when the file is unchanged, else read
+    (2 MiB per video, in threads: it is I/O-bound) and added to the cache."""
+    stat_keys = [_stat_key(v.path) for v in videos] if cache is not None else []
+    known = cache.get_many(stat_keys) if cache is not None and videos else [None] * len(videos)
+    missing = [i for i, c in enumerate(known) if c is None]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        fresh = list(pool.map(lambda i: _cid(videos[i].path), missing))
+    out = list(known)
+    for i, c in zip(missing, fresh):
+        out[i] = c
+    if cache is not None and missing:
+        cache.put_many({stat_keys[i]: c for i, c in zip(missing, fresh)})
+    return out  # type: ignore[return-value]
 
 
 def _cid(path: Path) -> str:

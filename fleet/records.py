@@ -188,21 +188,31 @@ def requeue(
     pipe.execute()
 
 
+KOMBU_UNACKED = "unacked"  # kombu's Redis transport: delivery tag -> [message, exchange, routing key]
+
+
 def drop_stale_queued(client: redis.Redis, keys: Keys, queue_prefix: str) -> int:
     """Forget queued marks whose message is gone (a purged queue, a Redis restored from an
     older file); returns how many. Cheap unless the counts disagree: only then are the
     queues read. Without this such samples would count as in flight forever."""
-    queues = [q for q in client.scan_iter(match=f"{queue_prefix}*", count=1000)]
-    waiting = sum(client.llen(q) for q in queues)
-    unacked = client.hlen("unacked")  # kombu's delivered-not-acked messages (all queues of this db)
-    if client.hlen(keys.queued) <= waiting + unacked:
-        return 0
     import base64
 
+    queues = [q for q in client.scan_iter(match=f"{queue_prefix}*", count=1000)]
+    waiting = sum(client.llen(q) for q in queues)
+    # Delivered but not acked yet: ours only (the hash is shared by every app of this db,
+    # and holds a killed worker's message for the whole visibility timeout).
+    delivered = []
+    for v in client.hvals(KOMBU_UNACKED):
+        try:
+            message, _exchange, routing_key = json.loads(v)
+        except (ValueError, TypeError):
+            continue
+        if isinstance(routing_key, str) and routing_key.startswith(queue_prefix):
+            delivered.append(message)
+    if client.hlen(keys.queued) <= waiting + len(delivered):
+        return 0
     live: set[str] = set()
-    raws = [m for q in queues for m in client.lrange(q, 0, -1)]
-    raws += [json.loads(v)[0] for v in client.hvals("unacked")]  # [message, exchange, routing key]
-    for raw in raws:
+    for raw in [m for q in queues for m in client.lrange(q, 0, -1)] + delivered:
         try:
             env = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
             live.add(json.loads(base64.b64decode(env["body"]))[0][0]["sample_id"])
@@ -212,3 +222,16 @@ def drop_stale_queued(client: redis.Redis, keys: Keys, queue_prefix: str) -> int
     if stale:
         client.hdel(keys.queued, *stale)
     return len(stale)
+
+
+class RedisContentIds:
+    """The planner's content-id cache in Redis (fleet.planner.ContentIdCache)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client, self.key = client, keys.content_ids
+
+    def get_many(self, stat_keys: list[str]) -> list[str | None]:
+        return [None if v is None else v.decode() for v in self.client.hmget(self.key, stat_keys)]
+
+    def put_many(self, found: dict[str, str]) -> None:
+        self.client.hset(self.key, mapping=found)

@@ -15,7 +15,7 @@ import redis
 from fleet.contract import FailureRecord, Keys
 from fleet.experiment import LoadedExperiment
 from fleet.planner import plan_experiment
-from fleet.records import classify
+from fleet.records import RedisContentIds, classify
 
 STATES = ("done", "queued", "running", "failed")
 
@@ -24,6 +24,7 @@ STATES = ("done", "queued", "running", "failed")
 class Status:
     by_category: dict[str, Counter] = field(default_factory=dict)
     pending: Counter = field(default_factory=Counter)  # planned but in no state yet, by category
+    sample_ids: set[str] | None = None  # the planned samples (experiment status only)
 
     def add(self, category: str, state: str, n: int = 1) -> None:
         self.by_category.setdefault(category, Counter())[state] += n
@@ -49,10 +50,10 @@ class Status:
 def experiment_status(client: redis.Redis, namespace: str, exp: LoadedExperiment, categories: list[str] | None = None) -> Status:
     """Counts over the experiment's planned samples (plans; decodes nothing)."""
     keys = Keys(namespace)
-    plan = plan_experiment(exp, categories)
+    plan = plan_experiment(exp, categories, RedisContentIds(client, keys))
     ids = [s.sample_id for s in plan.samples]
     state = classify(client, keys, ids, [s.output_path for s in plan.samples])
-    st = Status()
+    st = Status(sample_ids=set(ids))
     todo_ids = [ids[i] for i in state.todo]
     failed = set()
     for i in range(0, len(todo_ids), 10000):

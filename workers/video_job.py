@@ -25,6 +25,10 @@ log = logging.getLogger("fleet.job")
 # x264 constant rate factor: 18 is visually lossless for generated video at a few MB per
 # 832x480x81 sample. Changing it changes outputs, so it is a constant, not a knob.
 VIDEO_CRF = 18
+# mbtree off: x264's macroblock-tree rate control made identical frames encode differently
+# from one process to the next (seen at 64-pixel heights); a sample must give the same
+# file wherever it is made.
+X264_OPTIONS = {"crf": str(VIDEO_CRF), "preset": "medium", "x264-params": "mbtree=0"}
 SIZE_FACTOR = 16  # Wan2.1's VAE (8x) times the DiT's 2x2 patch: width and height multiples of this
 FRAME_FACTOR = 4  # the VAE compresses time 4x after the first frame: frames = 4k + 1
 
@@ -89,17 +93,17 @@ def _fsync_path(path: Path) -> None:
 
 
 def encode_mp4(frames: list[Any], path: Path, fps: int) -> None:
-    """H.264 mp4 (yuv420p, CRF 18) with PyAV.
+    """H.264 mp4 (yuv420p, CRF 18) with PyAV; the same frames give the same bytes.
 
     PyAV rather than diffsynth's save_video: it needs no imageio-ffmpeg binary (GPU hosts
-    often lack it), and x264's output is deterministic for identical frames.
+    often lack it), and its x264 options are ours to pin (X264_OPTIONS).
     """
     import av
     import numpy as np
 
     w, h = frames[0].size
     with av.open(str(path), mode="w", format="mp4") as c:
-        stream = c.add_stream("libx264", rate=fps, options={"crf": str(VIDEO_CRF), "preset": "medium"})
+        stream = c.add_stream("libx264", rate=fps, options=X264_OPTIONS)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for img in frames:
             frame = av.VideoFrame.from_ndarray(np.asarray(img.convert("RGB")), format="rgb24")

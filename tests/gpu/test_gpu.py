@@ -1,0 +1,62 @@
+"""On a real NVIDIA GPU: the inventory, a worker on GPU 0 generating on CUDA, two packed slots.
+
+Run on a GPU host: ``python3 -m pytest -m gpu tests/gpu -p no:cacheprovider``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.gpu.conftest import GpuFleet
+from tests.media import read_frames
+
+pytestmark = pytest.mark.gpu
+
+
+def test_fleet_gpus_shows_the_card(gpu_fleet: GpuFleet) -> None:
+    view = json.loads(gpu_fleet.fleet("gpus", "--json").stdout)
+    gpus = view["gpus"]
+    assert gpus, "NVML found no GPU"
+    for g in gpus:
+        assert "NVIDIA" in g["name"], g
+        assert g["memory_total_mib"] > 0 and g["memory_used_mib"] is not None and g["memory_free_mib"] is not None, g
+        assert g["utilization_pct"] is not None, g
+        assert g["temperature_c"] is not None, g
+        assert g["fleet_workers"] == []  # none started yet
+
+
+def test_worker_on_gpu0_generates_on_cuda(gpu_fleet: GpuFleet, tiny_experiment) -> None:
+    exp = tiny_experiment(n_videos=1)
+    gpu_fleet.start_worker("--gpu", "0")
+    assert json.loads(gpu_fleet.fleet("enqueue", str(exp), "--json").stdout)["enqueued"] == 1
+    (rec,) = gpu_fleet.wait_done(1, timeout_s=240)
+    assert rec.gpu == "0"
+    assert rec.worker == f"gpu0@{socket.gethostname()}"
+    assert rec.model_loaded
+    frames = read_frames(Path(rec.output_path))
+    assert frames.shape == (9, 128, 128, 3)
+    log = gpu_fleet.log_tails()
+    device = "cpu" if os.environ.get("FLEET_FAKE_GPUS") else "cuda"  # a fake inventory: debugging without a GPU
+    assert f"ready on 0 ({device})" in log, log  # the worker computes on CUDA, not on a CPU fallback
+    # The worker shows on its GPU in `fleet gpus`.
+    view = json.loads(gpu_fleet.fleet("gpus", "--json").stdout)
+    on0 = next(g for g in view["gpus"] if g["index"] == 0)
+    assert [w["name"] for w in on0["fleet_workers"]] == [rec.worker]
+
+
+def test_two_packed_slots_on_one_gpu_both_generate(gpu_fleet: GpuFleet, tiny_experiment) -> None:
+    exp = tiny_experiment(n_videos=4, seeds=[42, 142])
+    gpu_fleet.start_worker("--gpu", "0", "--slot", "0")
+    gpu_fleet.start_worker("--gpu", "0", "--slot", "1")
+    assert json.loads(gpu_fleet.fleet("enqueue", str(exp), "--json").stdout)["enqueued"] == 8
+    recs = gpu_fleet.wait_done(8, timeout_s=300)
+    host = socket.gethostname()
+    assert {r.gpu for r in recs} == {"0"}
+    assert {r.worker for r in recs} == {f"gpu0@{host}", f"gpu0s1@{host}"}, [(r.worker, r.gpu) for r in recs]
+    for r in recs:
+        assert read_frames(Path(r.output_path)).shape == (9, 128, 128, 3)
