@@ -182,13 +182,13 @@ def _slots(free_mib: int, policy: PlacementPolicy) -> tuple[int, str]:
     return min(fit, policy.max_slots_per_gpu), how
 
 
-def _judge(s: GpuSnapshot, policy: PlacementPolicy, own_pids: Set[int], need: int) -> Decision:
+def _judge(s: GpuSnapshot, policy: PlacementPolicy, own_pids: Set[int], need: int, ours: bool) -> Decision:
     """One GPU against pool, exclude, free memory and exclusive idleness; the reserve comes later."""
     used, util, mine, foreign = _colleague_use(s, own_pids)
     free = s.memory_free_mib + (s.memory_used_mib - used)
     possible = _in_pool(s.index, policy) and s.memory_total_mib >= need
-    common: dict[str, Any] = dict(index=s.index, free_mib=free, total_mib=s.memory_total_mib, held=bool(mine),
-                                  possible=possible)
+    common: dict[str, Any] = dict(index=s.index, free_mib=free, total_mib=s.memory_total_mib,
+                                  held=bool(mine) or ours, possible=possible)
     head, util_txt = f"GPU {s.index}:", "util n/a" if util is None else f"util {util}%"
     used_pct = 100.0 * used / s.memory_total_mib if s.memory_total_mib else 0.0
     fail = None
@@ -221,18 +221,24 @@ def _judge(s: GpuSnapshot, policy: PlacementPolicy, own_pids: Set[int], need: in
 
 
 def eligible_gpus(
-    snapshots: Sequence[GpuSnapshot], policy: PlacementPolicy, own_pids: Set[int] = frozenset()
+    snapshots: Sequence[GpuSnapshot],
+    policy: PlacementPolicy,
+    own_pids: Set[int] = frozenset(),
+    fleet_gpus: Set[int] = frozenset(),
 ) -> list[Decision]:
     """One Decision per GPU: usable ones first, most free memory first (§13.1), then the rest by index.
 
     Checks in the seed's order (§5.1): pool and exclude, free memory, exclusive idleness
     (§13.2; skipped when packed, which takes precedence as EXTREME_MODE does), then the
-    reserve over the GPUs that pass and are not held (§5.2), keeping the most-free ones.
+    reserve over every GPU that passes (§5.2), keeping the fleet's own GPUs first, then
+    the most-free ones. ``fleet_gpus`` are the GPUs the caller runs workers on: held even
+    before their process shows in NVML (a worker loading its model has no CUDA context
+    yet), so the choice does not hop between GPUs of nearly equal free memory.
     Raises PlacementError when the policy can never be met here (check_feasible).
     """
     check_feasible(snapshots, policy)
     need = required_free_mib(policy)
-    judged = [_judge(s, policy, own_pids, need) for s in snapshots]
+    judged = [_judge(s, policy, own_pids, need, s.index in fleet_gpus) for s in snapshots]
     out = {d.index: d for d in judged if not d.usable}
     # Held GPUs first (a worker keeps its GPU rather than hop to a slightly freer one),
     # then most free memory first (§13.1).

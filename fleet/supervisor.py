@@ -74,8 +74,10 @@ class Supervisor:
         self._snaps = {s.index: s for s in snaps}
         if not snaps:
             return [WorkerPlan("cpu0", None, 0, reason="no GPU found: one CPU worker")]
-        own = {r.proc.pid for r in self.running.values() if r.proc.poll() is None}
-        decisions = eligible_gpus(snaps, self.policy, own)
+        live = [r for r in self.running.values() if r.proc.poll() is None and not r.stopping]
+        own = {r.proc.pid for r in live}
+        held = {g for r in live for g in (r.plan.group or ((r.plan.gpu,) if r.plan.gpu is not None else ()))}
+        decisions = eligible_gpus(snaps, self.policy, own, held)
         self._log_decisions(decisions)
         plans: list[WorkerPlan] = []
         grouped: set[int] = set()

@@ -325,3 +325,12 @@ def test_memory_class_errors_and_escalation() -> None:
     assert next_memory_class(24 * GB, CLASSES) == 48 * GB
     assert next_memory_class(30 * GB, CLASSES) == 48 * GB
     assert next_memory_class(80 * GB, CLASSES) is None
+
+
+def test_a_gpu_the_fleet_just_started_on_stays_chosen_before_nvml_shows_its_process() -> None:
+    policy = PlacementPolicy(reserve=1)
+    # GPU 1 is a little freer, but the fleet has just started a worker on GPU 0 that has no
+    # CUDA context yet: without fleet_gpus the choice would hop to GPU 1 and back.
+    snaps = [gpu(0, used=600), gpu(1, used=480)]
+    assert [d.index for d in eligible_gpus(snaps, policy) if d.usable] == [1]
+    assert [d.index for d in eligible_gpus(snaps, policy, fleet_gpus={0}) if d.usable] == [0]
