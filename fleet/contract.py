@@ -42,7 +42,11 @@ class Keys:
         self.done = f"{ns}:done"  # SET of sample ids whose record says done
         self.records = f"{ns}:records"  # HASH sample id -> CompletionRecord JSON
         self.failed = f"{ns}:failed"  # HASH sample id -> FailureRecord JSON (cleared on success)
-        self.queued = f"{ns}:queued"  # HASH sample id -> task payload JSON (published, not started)
+        self.queued = f"{ns}:queued"  # HASH sample id -> [experiment, category] (published, not started)
+        # HASH sample id -> {"queue", "task"} from publishing until done or failed for good: a
+        # message Redis lost (killed between a worker's BRPOP and its reply) is published again
+        self.payloads = f"{ns}:payloads"
+        self.lost_suspects = f"{ns}:lost_suspects"  # HASH sample id -> unix time first seen without a message
         self.running = f"{ns}:running"  # HASH sample id -> RunningEntry JSON
         self.deliveries = f"{ns}:deliveries"  # HASH sample id -> times the sample started
         self.probes = f"{ns}:probes"  # HASH video content id -> "ok" once it decoded

@@ -138,6 +138,11 @@ def encode_message(task: str, payload_json: str, queue: str, label: str, task_id
     return fmt % pick(values)
 
 
+def kept_payload(queue: str, payload_json: str) -> str:
+    """What the payloads hash keeps of a published task: enough to publish it again."""
+    return '{"queue":' + json.dumps(queue, ensure_ascii=False) + ',"task":' + payload_json + "}"
+
+
 def publish(client: redis.Redis, keys: Keys, items: Iterable[Outgoing]) -> int:
     """Push every item onto its queue and mark it queued; returns the count.
 
@@ -149,6 +154,7 @@ def publish(client: redis.Redis, keys: Keys, items: Iterable[Outgoing]) -> int:
     """
     n = 0
     marks: list[str] = []
+    kept: list[str] = []
     messages: dict[str, list[bytes]] = {}
 
     def flush() -> None:
@@ -156,15 +162,19 @@ def publish(client: redis.Redis, keys: Keys, items: Iterable[Outgoing]) -> int:
             return
         pipe = client.pipeline(transaction=True)
         pipe.hset(keys.queued, items=marks)
+        pipe.hset(keys.payloads, items=kept)
         for queue, msgs in messages.items():
             pipe.lpush(queue, *msgs)
         pipe.execute()
         marks.clear()
+        kept.clear()
         messages.clear()
 
     for it in items:
         marks.append(it.sample_id)
         marks.append(it.queued_value)
+        kept.append(it.sample_id)
+        kept.append(kept_payload(it.queue, it.payload_json))
         msgs = messages.get(it.queue)
         if msgs is None:
             msgs = messages[it.queue] = []

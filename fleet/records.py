@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -121,6 +121,7 @@ def complete(client: redis.Redis, keys: Keys, record: CompletionRecord) -> None:
     pipe = client.pipeline(transaction=True)
     pipe.hset(keys.records, sid, record.model_dump_json(by_alias=True))
     pipe.sadd(keys.done, sid)
+    pipe.hdel(keys.payloads, sid)
     pipe.hdel(keys.failed, sid)
     pipe.hdel(keys.running, sid)
     pipe.hdel(keys.deliveries, sid)
@@ -137,6 +138,7 @@ def fail(client: redis.Redis, keys: Keys, record: FailureRecord, final: bool) ->
     pipe.delete(keys.lease(sid))
     if final:
         pipe.hdel(keys.deliveries, sid)
+        pipe.hdel(keys.payloads, sid)
     pipe.execute()
 
 
@@ -174,7 +176,8 @@ def take_orphan(client: redis.Redis, keys: Keys, sample_id: str, queued: str, qu
     return bool(script(keys=[keys.running, keys.queued, keys.lease(sample_id), queue], args=[sample_id, queued, message]))
 
 def requeue(
-    client: redis.Redis, keys: Keys, sample_id: str, queue: str, message: bytes, queued: str, failure: FailureRecord | None
+    client: redis.Redis, keys: Keys, sample_id: str, queue: str, message: bytes, queued: str,
+    failure: FailureRecord | None, payload: str,
 ) -> None:
     """Atomically end a run and publish the sample again (a retry after a retryable error)."""
     pipe = client.pipeline(transaction=True)
@@ -184,6 +187,7 @@ def requeue(
     pipe.hdel(keys.deliveries, sample_id)  # deliveries count crashes within one attempt
     pipe.delete(keys.lease(sample_id))
     pipe.hset(keys.queued, sample_id, queued)
+    pipe.hset(keys.payloads, sample_id, payload)
     pipe.lpush(queue, message)
     pipe.execute()
 
@@ -191,10 +195,13 @@ def requeue(
 KOMBU_UNACKED = "unacked"  # kombu's Redis transport: delivery tag -> [message, exchange, routing key]
 
 
-def drop_stale_queued(client: redis.Redis, keys: Keys, queue_prefix: str) -> int:
-    """Forget queued marks whose message is gone (a purged queue, a Redis restored from an
-    older file); returns how many. Cheap unless the counts disagree: only then are the
-    queues read. Without this such samples would count as in flight forever."""
+def stale_queued(client: redis.Redis, keys: Keys, queue_prefix: str) -> list[str]:
+    """Samples marked queued whose message is nowhere (not in a queue, not delivered).
+
+    Cheap unless the counts disagree: only then are the queues read. Causes: a purged
+    queue, a Redis restored from an older file, or Redis killed between a worker's BRPOP
+    and its reply (kombu's Redis transport loses that message).
+    """
     import base64
 
     queues = [q for q in client.scan_iter(match=f"{queue_prefix}*", count=1000)]
@@ -210,7 +217,7 @@ def drop_stale_queued(client: redis.Redis, keys: Keys, queue_prefix: str) -> int
         if isinstance(routing_key, str) and routing_key.startswith(queue_prefix):
             delivered.append(message)
     if client.hlen(keys.queued) <= waiting + len(delivered):
-        return 0
+        return []
     live: set[str] = set()
     for raw in [m for q in queues for m in client.lrange(q, 0, -1)] + delivered:
         try:
@@ -218,10 +225,43 @@ def drop_stale_queued(client: redis.Redis, keys: Keys, queue_prefix: str) -> int
             live.add(json.loads(base64.b64decode(env["body"]))[0][0]["sample_id"])
         except (ValueError, KeyError, IndexError, TypeError):
             continue  # not one of ours
-    stale = [k for k in client.hkeys(keys.queued) if k.decode() not in live]
+    return [k.decode() for k in client.hkeys(keys.queued) if k.decode() not in live]
+
+
+def drop_stale_queued(client: redis.Redis, keys: Keys, queue_prefix: str) -> int:
+    """Forget queued marks whose message is gone, so their samples plan as to do; returns how many."""
+    stale = stale_queued(client, keys, queue_prefix)
     if stale:
         client.hdel(keys.queued, *stale)
     return len(stale)
+
+
+def recover_lost(
+    client: redis.Redis, keys: Keys, queue_prefix: str, grace_s: float, encode: Callable[[str, str], bytes],
+    now: float | None = None,
+) -> list[str]:
+    """Publish again the samples whose message has been missing for ``grace_s`` (seen
+    missing twice, so a message between a worker's BRPOP and its claim is not taken for
+    lost); ``encode(queue, payload_json)`` makes the message. Returns the ids published."""
+    now = time.time() if now is None else now
+    stale = set(stale_queued(client, keys, queue_prefix))
+    first_seen = {k.decode(): float(v) for k, v in client.hgetall(keys.lost_suspects).items()}
+    gone = [sid for sid in first_seen if sid not in stale]
+    if gone:
+        client.hdel(keys.lost_suspects, *gone)
+    new = {sid: now for sid in stale if sid not in first_seen}
+    if new:
+        client.hset(keys.lost_suspects, mapping=new)
+    due = [sid for sid in stale if sid in first_seen and now - first_seen[sid] >= grace_s]
+    published = []
+    for sid, kept in zip(due, client.hmget(keys.payloads, due) if due else []):
+        client.hdel(keys.lost_suspects, sid)
+        if kept is None or not client.hexists(keys.queued, sid):
+            continue  # started or finished meanwhile, or published before payloads were kept
+        d = json.loads(kept)
+        client.lpush(d["queue"], encode(d["queue"], json.dumps(d["task"], ensure_ascii=False)))
+        published.append(sid)
+    return published
 
 
 class RedisContentIds:

@@ -14,7 +14,7 @@ import threading
 import time
 
 from fleet import records
-from fleet.contract import TASK_VIDEO, Keys, WorkerEntry
+from fleet.contract import TASK_VIDEO, Keys, WorkerEntry, queue_name
 from fleet.publisher import encode_message
 from workers.runner import SampleRunner
 
@@ -57,10 +57,14 @@ class Heartbeat(threading.Thread):
         r.hset(keys.workers, self.runner.worker, entry.model_dump_json())
 
     def reap(self) -> None:
-        """Publish again every sample whose worker died (its lease expired)."""
+        """Publish again every sample whose worker died (its lease expired), and every sample
+        whose message Redis lost."""
         r, s, keys = self.runner.client, self.runner.settings, self.runner.keys
         if not r.set(keys.reaper_lock, self.runner.worker, nx=True, px=int(s.heartbeat_s * 1000)):
             return
+        for sid in records.recover_lost(r, keys, queue_name(s.namespace, ""), max(10.0, 2 * s.heartbeat_s),
+                                        lambda q, payload: encode_message(TASK_VIDEO, payload, q, "recovered")):
+            log.warning("sample %s: its message was lost (Redis restart?); published it again", sid)
         for sid, entry in records.orphans(r, keys, s.lease_ttl_s):
             task = entry.task
             queued = records.queued_value(str(task.get("experiment", "?")), str(task.get("category", "?")))

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from fleet import records
 from fleet.contract import TASK_VIDEO, CompletionRecord, FailureRecord, Keys, RunningEntry, VideoTask
 from fleet.errors import FleetError, GpuOutOfMemory, PermanentError
-from fleet.publisher import encode_message
+from fleet.publisher import encode_message, kept_payload
 from fleet.settings import FleetSettings
 
 log = logging.getLogger("fleet.worker")
@@ -170,7 +170,8 @@ class SampleRunner:
             )
             queued = records.queued_value(task.experiment, task.category)
             self._persist(
-                lambda: records.requeue(self.client, self.keys, task.sample_id, target, msg, queued, failure),
+                lambda: records.requeue(self.client, self.keys, task.sample_id, target, msg, queued, failure,
+                                        kept_payload(target, nxt.to_json())),
                 f"the retry of {task.sample_id}",
             )
             log.warning("retry %s (attempt %d -> %d) on %s: %s", task.sample_id, task.attempt, nxt.attempt, target, e)

@@ -65,3 +65,18 @@ def _done(f: Fleet) -> int:
         return f.done_count()
     except Exception:
         return -1
+
+
+def test_a_message_redis_lost_is_published_again(fleet_ns: Fleet, video_experiment) -> None:
+    # Redis killed between a worker's BRPOP and its reply drops that message (kombu's Redis
+    # transport has no reliable pop); here the message is popped and thrown away on purpose.
+    exp = video_experiment(videos={"c": ["a", "b"]}, prompts={"*": ["x"]})
+    assert fleet_ns.enqueue(exp)["enqueued"] == 2
+    from fleet.contract import queue_name
+
+    assert fleet_ns.client.rpop(queue_name(fleet_ns.namespace, "gpu")) is not None
+    fleet_ns.start_worker(0)
+    wait_for(lambda: fleet_ns.done_count() == 2, 120, "both samples, the lost one included")
+    log = next(fleet_ns.tmp.glob("worker0-*.log")).read_text(errors="replace")
+    assert "its message was lost" in log
+    assert fleet_ns.client.hlen(fleet_ns.keys.payloads) == 0 and fleet_ns.client.hlen(fleet_ns.keys.lost_suspects) == 0
