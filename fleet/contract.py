@@ -45,7 +45,8 @@ class Keys:
         self.queued = f"{ns}:queued"  # HASH sample id -> [experiment, category] (published, not started)
         # HASH sample id -> {"queue", "task"} from publishing until done or failed for good: a
         # message Redis lost (killed between a worker's BRPOP and its reply) is published again
-        self.payloads = f"{ns}:payloads"
+        self.payloads = f"{ns}:payloads"  # value: "<head id>\t<queue>\t<payload after its head>"
+        self.payload_heads = f"{ns}:payload_heads"  # HASH head id -> the constant start of an experiment's payloads
         self.lost_suspects = f"{ns}:lost_suspects"  # HASH sample id -> unix time first seen without a message
         self.running = f"{ns}:running"  # HASH sample id -> RunningEntry JSON
         self.deliveries = f"{ns}:deliveries"  # HASH sample id -> times the sample started

@@ -7,6 +7,7 @@ bad input never leaves a half-enqueued experiment.
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,8 @@ from fleet.contract import Keys, queue_name
 from fleet.errors import PlacementError
 from fleet.experiment import LoadedExperiment
 from fleet.placement import PlacementPolicy, queue_for_sample
-from fleet.planner import Plan, Sample, payloads, plan_experiment
-from fleet.publisher import Outgoing, publish
+from fleet.planner import Plan, Sample, payload_head, payloads, plan_experiment
+from fleet.publisher import Outgoing, kept_payload, publish
 from fleet.records import RedisContentIds, classify, drop_stale_queued, queued_value
 from fleet.video_file import probe
 
@@ -100,6 +101,9 @@ def enqueue(
     if dry_run:
         return EnqueueResult(len(ids), len(state.done), in_flight, 0, todo)
     marks = {cat: queued_value(exp.name, cat) for cat in routes}  # the queued hash's value, once per category
+    head = payload_head(plan)
+    head_id = hashlib.sha256(head.encode()).hexdigest()[:16]
+    client.hset(keys.payload_heads, head_id, head)
     items = (
         Outgoing(
             queue=q,
@@ -108,6 +112,7 @@ def enqueue(
             sample_id=smp.sample_id,
             label=f"{smp.category}/{smp.video.name} seed {smp.seed} prompt {smp.prompt_index}",
             queued_value=marks[smp.category],
+            kept=kept_payload(q, payload, head, head_id),
         )
         for smp, q, payload in payloads(plan, todo, lambda smp: routes[smp.category])
     )

@@ -186,25 +186,7 @@ def payloads(plan: Plan, todo: list[Sample], route: Callable[[Sample], str]) -> 
     The payload's constant part is serialised once; per sample only its own fields are,
     which keeps 100,000 payloads well under a second.
     """
-    exp, s = plan.experiment, plan.experiment.spec
-    const = {
-        "schema": VIDEO_SCHEMA,
-        "experiment": exp.name,
-        "negative_prompt": s.negative_prompt,
-        "mode": s.mode,
-        "denoising_strength": s.denoising_strength,
-        "width": s.width,
-        "height": s.height,
-        "frames": s.frames,
-        "fps": s.fps,
-        "steps": s.steps,
-        "cfg_scale": s.cfg_scale,
-        "tiled": s.tiled,
-        "model": exp.model.model_dump(),
-        "memory_mib": exp.memory_mib,
-        "attempt": 1,
-    }
-    head = json.dumps(const, ensure_ascii=False)[:-1]
+    head = payload_head(plan)
     enc = encode_basestring  # == json.dumps(str, ensure_ascii=False)
     prompt_json: dict[str, str] = {}
     video, category, video_part = None, None, ""
@@ -223,3 +205,26 @@ def payloads(plan: Plan, todo: list[Sample], route: Callable[[Sample], str]) -> 
             f',"output_path":{enc(smp.output_path)}}}'
         )
         yield smp, route(smp), head + tail
+
+
+def payload_head(plan: Plan) -> str:
+    """The start every payload of the plan shares (an unclosed JSON object)."""
+    exp, s = plan.experiment, plan.experiment.spec
+    const = {
+        "schema": VIDEO_SCHEMA,
+        "experiment": exp.name,
+        "negative_prompt": s.negative_prompt,
+        "mode": s.mode,
+        "denoising_strength": s.denoising_strength,
+        "width": s.width,
+        "height": s.height,
+        "frames": s.frames,
+        "fps": s.fps,
+        "steps": s.steps,
+        "cfg_scale": s.cfg_scale,
+        "tiled": s.tiled,
+        "model": exp.model.model_dump(),
+        "memory_mib": exp.memory_mib,
+        "attempt": 1,
+    }
+    return json.dumps(const, ensure_ascii=False)[:-1]

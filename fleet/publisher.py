@@ -15,7 +15,7 @@ import json
 import os
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from json.encoder import encode_basestring  # what json.dumps(str, ensure_ascii=False) returns, without its set-up
@@ -42,6 +42,7 @@ class Outgoing:
     sample_id: str
     label: str
     queued_value: str
+    kept: str | None = None  # see kept_payload; None: kept whole
 
 
 def _uuid4() -> str:
@@ -138,9 +139,20 @@ def encode_message(task: str, payload_json: str, queue: str, label: str, task_id
     return fmt % pick(values)
 
 
-def kept_payload(queue: str, payload_json: str) -> str:
-    """What the payloads hash keeps of a published task: enough to publish it again."""
-    return '{"queue":' + json.dumps(queue, ensure_ascii=False) + ',"task":' + payload_json + "}"
+def kept_payload(queue: str, payload_json: str, head: str = "", head_id: str = "") -> str:
+    """What the payloads hash keeps of a published task, enough to publish it again:
+    ``<head id>\t<queue>\t<payload without its head>``. The head (the part every payload of
+    an experiment shares, stored once under its id) keeps 100,000 kept payloads small."""
+    if head_id and payload_json.startswith(head):
+        return f"{head_id}\t{queue}\t{payload_json[len(head):]}"
+    return f"\t{queue}\t{payload_json}"
+
+
+def unkeep(kept: str, heads: Callable[[str], str | None]) -> tuple[str, str] | None:
+    """(queue, payload JSON) from a kept payload; None when its head is unknown."""
+    head_id, queue, rest = kept.split("\t", 2)
+    head = heads(head_id) if head_id else ""
+    return None if head is None else (queue, head + rest)
 
 
 def publish(client: redis.Redis, keys: Keys, items: Iterable[Outgoing]) -> int:
@@ -174,7 +186,7 @@ def publish(client: redis.Redis, keys: Keys, items: Iterable[Outgoing]) -> int:
         marks.append(it.sample_id)
         marks.append(it.queued_value)
         kept.append(it.sample_id)
-        kept.append(kept_payload(it.queue, it.payload_json))
+        kept.append(it.kept if it.kept is not None else kept_payload(it.queue, it.payload_json))
         msgs = messages.get(it.queue)
         if msgs is None:
             msgs = messages[it.queue] = []

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import redis
 
 from fleet.contract import CompletionRecord, FailureRecord, Keys, RunningEntry
+from fleet.publisher import unkeep
 
 CHUNK = 10000
 
@@ -257,9 +258,12 @@ def recover_lost(
     for sid, kept in zip(due, client.hmget(keys.payloads, due) if due else []):
         client.hdel(keys.lost_suspects, sid)
         if kept is None or not client.hexists(keys.queued, sid):
-            continue  # started or finished meanwhile, or published before payloads were kept
-        d = json.loads(kept)
-        client.lpush(d["queue"], encode(d["queue"], json.dumps(d["task"], ensure_ascii=False)))
+            continue  # started or finished meanwhile
+        found = unkeep(kept.decode(), lambda h: (v.decode() if (v := client.hget(keys.payload_heads, h)) else None))
+        if found is None:
+            continue
+        queue, payload = found
+        client.lpush(queue, encode(queue, payload))
         published.append(sid)
     return published
 
