@@ -46,7 +46,8 @@ import redis
 from fleet.contract import CompletionRecord, Keys, queue_name
 from fleet.enqueue import check_videos, enqueue
 from fleet.experiment import load_experiment
-from fleet.placement import PlacementPolicy, queue_for_sample
+from fleet.placement import PlacementPolicy
+from fleet.routing import queue_for_sample
 from fleet.planner import payloads, plan_experiment
 from fleet.publisher import Outgoing, publish
 from fleet.records import classify, drop_stale_queued, queued_value

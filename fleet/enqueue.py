@@ -17,7 +17,8 @@ import redis
 from fleet.contract import Keys, queue_name
 from fleet.errors import PlacementError
 from fleet.experiment import LoadedExperiment
-from fleet.placement import PlacementPolicy, queue_for_sample
+from fleet.placement import PlacementPolicy
+from fleet.routing import queue_for_sample
 from fleet.planner import Plan, Sample, payload_head, payloads, plan_experiment
 from fleet.publisher import Outgoing, kept_payload, publish
 from fleet.records import RedisContentIds, classify, drop_stale_queued, queued_value

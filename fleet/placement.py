@@ -20,7 +20,6 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator, model_validator
 
-from fleet.contract import queue_name
 from fleet.errors import ConfigError, PlacementError
 from fleet.gpu_inventory import GpuSnapshot
 
@@ -91,7 +90,8 @@ class Decision:
         return asdict(self)
 
 
-def _gib(mib: int) -> str:
+def gib(mib: int) -> str:
+    """MiB as GiB text for reasons and messages ("35.0 GiB")."""
     return f"{mib / 1024:.1f} GiB"
 
 
@@ -136,24 +136,25 @@ def check_feasible(snapshots: Sequence[GpuSnapshot], policy: PlacementPolicy) ->
             raise PlacementError(f"{what} GPU {g}, but this host has {have}")
     if not snapshots:
         return
-    pool = [s for s in snapshots if _in_pool(s.index, policy)]
+    pool = [s for s in snapshots if in_pool(s.index, policy)]
     if not pool:
         raise PlacementError(f"every GPU of this host ({sorted(present)}) is excluded or outside gpus")
     need = required_free_mib(policy)
     big = max(pool, key=lambda s: s.memory_total_mib)
     if need > big.memory_total_mib:
-        has = _gib(big.memory_total_mib)
-        raise PlacementError(f"a GPU must have {_gib(need)} free, but the largest in the pool (GPU {big.index}) has {has}")
+        has = gib(big.memory_total_mib)
+        raise PlacementError(f"a GPU must have {gib(need)} free, but the largest in the pool (GPU {big.index}) has {has}")
     possible = sum(s.memory_total_mib >= need for s in pool)
     if max_usable(possible, policy.reserve) == 0:
         raise PlacementError(f"reserve {policy.reserve} leaves no GPU: only {possible} GPUs can ever qualify")
     totals = {s.index: s.memory_total_mib for s in snapshots}
     for cat, pinned in policy.assignment.items():
         if all(totals[g] < need for g in pinned):
-            raise PlacementError(f"assignment pins {cat!r} to GPUs {pinned}, none with {_gib(need)} of memory")
+            raise PlacementError(f"assignment pins {cat!r} to GPUs {pinned}, none with {gib(need)} of memory")
 
 
-def _in_pool(index: int, policy: PlacementPolicy) -> bool:
+def in_pool(index: int, policy: PlacementPolicy) -> bool:
+    """The GPU is in the policy's pool and not excluded."""
     return index not in policy.exclude_gpus and (policy.gpus == "all" or index in policy.gpus)
 
 
@@ -186,7 +187,7 @@ def _judge(s: GpuSnapshot, policy: PlacementPolicy, own_pids: Set[int], need: in
     """One GPU against pool, exclude, free memory and exclusive idleness; the reserve comes later."""
     used, util, mine, foreign = _colleague_use(s, own_pids)
     free = s.memory_free_mib + (s.memory_used_mib - used)
-    possible = _in_pool(s.index, policy) and s.memory_total_mib >= need
+    possible = in_pool(s.index, policy) and s.memory_total_mib >= need
     common: dict[str, Any] = dict(index=s.index, free_mib=free, total_mib=s.memory_total_mib,
                                   held=bool(mine) or ours, possible=possible)
     head, util_txt = f"GPU {s.index}:", "util n/a" if util is None else f"util {util}%"
@@ -194,10 +195,10 @@ def _judge(s: GpuSnapshot, policy: PlacementPolicy, own_pids: Set[int], need: in
     fail = None
     if s.index in policy.exclude_gpus:
         fail = f"{head} excluded (exclude_gpus)"
-    elif not _in_pool(s.index, policy):
+    elif not in_pool(s.index, policy):
         fail = f"{head} not in the GPU pool {policy.gpus}"
     elif free < need:
-        fail = f"{head} {_gib(free)} free < {_gib(need)} needed"
+        fail = f"{head} {gib(free)} free < {gib(need)} needed"
     elif policy.mode == "exclusive" and policy.slots == "fixed":
         # §13.2: utilisation 0 % and memory used < 3 %. Unknown utilisation counts as idle only
         # when no foreign process is listed; else exclusive could never run on such a driver.
@@ -216,7 +217,7 @@ def _judge(s: GpuSnapshot, policy: PlacementPolicy, own_pids: Set[int], need: in
     if mine:
         note += f"; held by fleet pids {','.join(map(str, mine))}"
     plural = "s" if slots != 1 else ""
-    reason = f"{head} {_gib(free)} free >= {_gib(need)}, {util_txt}{note} -> {slots} slot{plural} ({how})"
+    reason = f"{head} {gib(free)} free >= {gib(need)}, {util_txt}{note} -> {slots} slot{plural} ({how})"
     return Decision(usable=True, slots=slots, reason=reason, **common)
 
 
@@ -274,7 +275,7 @@ def choose_group(
     most = max_usable(possible, policy.reserve)
     if n > most:
         raise PlacementError(
-            f"a task needs {n} GPUs with {_gib(memory_mib)} each, but at most {most} can ever be usable here "
+            f"a task needs {n} GPUs with {gib(memory_mib)} each, but at most {most} can ever be usable here "
             f"({possible} qualify, reserve {policy.reserve})"
         )
     fits = [d for d in decisions if d.usable and d.free_mib >= memory_mib]
@@ -303,87 +304,3 @@ def order_requests(requests: Iterable[R]) -> list[R]:
     """Multi-GPU work first (§5.3: more GPUs before fewer, CPU-only last); stable otherwise,
     so requests needing as many GPUs keep their given order."""
     return sorted(requests, key=lambda r: -r.n_gpus)
-
-
-# ---- queues and memory classes --------------------------------------------------------------
-def _classes(memory_classes: Iterable[int]) -> list[int]:
-    classes = sorted(set(memory_classes))
-    if any(not isinstance(c, int) or c <= 0 for c in classes):
-        raise ConfigError(f"memory classes must be positive MiB integers, got {classes}")
-    return classes
-
-
-def memory_class_for(memory_mib: int, classes: Iterable[int]) -> int:
-    """The smallest class (MiB) holding ``memory_mib``; PlacementError when none does."""
-    ordered = _classes(classes)
-    for c in ordered:
-        if c >= memory_mib:
-            return c
-    largest = _gib(ordered[-1]) if ordered else "none configured"
-    raise PlacementError(f"a sample declaring {_gib(memory_mib)} exceeds the largest memory class ({largest})")
-
-
-def next_memory_class(current: int, classes: Iterable[int]) -> int | None:
-    """The next class above ``current`` MiB (where a sample goes after an OOM); None at the top."""
-    return next((c for c in _classes(classes) if c > current), None)
-
-
-def pin_need(gpus: Iterable[int]) -> str:
-    """The queue need of samples pinned to these GPUs: ``pin.0-1``.
-
-    Named by the GPU set, not the category, so category names (spaces, commas, any
-    script) never reach a queue name, and categories pinned alike share one queue.
-    """
-    return "pin." + "-".join(str(g) for g in sorted(set(gpus)))
-
-
-def queue_for_sample(category: str, memory_mib: int, policy: PlacementPolicy, namespace: str,
-                     memory_classes: Iterable[int], n_gpus: int = 1) -> str:
-    """Where the producer publishes a sample: pinned GPUs, multi-GPU, memory class, or shared."""
-    if category in policy.assignment:
-        return queue_name(namespace, pin_need(policy.assignment[category]))
-    if n_gpus > 1:
-        return queue_name(namespace, f"gpus{n_gpus}")
-    classes = list(memory_classes)
-    if classes and memory_mib > 0:
-        return queue_name(namespace, f"mem{memory_class_for(memory_mib, classes)}")
-    return queue_name(namespace, "gpu")
-
-
-def queues_for_gpu(
-    gpu_index: int, snapshot: GpuSnapshot, policy: PlacementPolicy, namespace: str, memory_classes: Iterable[int]
-) -> list[str]:
-    """Queues a worker on this GPU consumes, most specific first.
-
-    A GPU pinned in ``policy.assignment`` is dedicated to its categories (seed 000's manual
-    assignment): it consumes only ``<ns>.q.pin.<category>``. Any other GPU consumes the
-    memory-class queues ``<ns>.q.mem<MiB>`` whose class fits its total memory (largest
-    first) and the shared ``<ns>.q.gpu``. Raises PlacementError for a GPU the policy rules out.
-    Classes compare with the total NVML reports, below the nominal size (an "80 GB" H100: 81559 MiB).
-    """
-    if snapshot.index != gpu_index:
-        raise PlacementError(f"snapshot of GPU {snapshot.index} given for GPU {gpu_index}")
-    if not _in_pool(gpu_index, policy):
-        raise PlacementError(f"GPU {gpu_index} is excluded or outside the GPU pool {policy.gpus}")
-    pinned = sorted({pin_need(gpus) for gpus in policy.assignment.values() if gpu_index in gpus})
-    if pinned:
-        return [queue_name(namespace, need) for need in pinned]
-    fits = [c for c in reversed(_classes(memory_classes)) if c <= snapshot.memory_total_mib]
-    return [queue_name(namespace, f"mem{c}") for c in fits] + [queue_name(namespace, "gpu")]
-
-
-def queue_after_oom(queue: str, memory_mib: int, namespace: str, memory_classes: Iterable[int]) -> str | None:
-    """Where a sample goes after running out of memory on ``queue``: the next larger memory
-    class, or None when there is none (the sample then fails as OOM)."""
-    classes = list(memory_classes)
-    if not classes:
-        return None
-    prefix = queue_name(namespace, "mem")
-    if queue.startswith(prefix) and queue[len(prefix):].isdigit():
-        current = int(queue[len(prefix):])
-    elif queue == queue_name(namespace, "gpu"):
-        current = memory_class_for(memory_mib, classes) if memory_mib <= max(classes) else max(classes)
-    else:
-        return None  # pinned and multi-GPU samples stay where the user put them
-    nxt = next_memory_class(current, classes)
-    return queue_name(namespace, f"mem{nxt}") if nxt is not None else None

@@ -13,7 +13,7 @@ import sys
 from fleet.contract import queue_name
 from fleet.errors import PlacementError
 from fleet.gpu_inventory import FAKE_GPUS_ENV, GpuSnapshot
-from fleet.placement import pin_need, queues_for_gpu
+from fleet.routing import pin_need, queues_for_gpu
 from fleet.settings import FleetSettings
 
 

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.tasks import bind_runner
 
     node = f"{args.name}@{socket.gethostname()}"
-    from fleet.placement import queue_after_oom
+    from fleet.routing import queue_after_oom
 
     def oom_route(task, queue: str) -> str | None:
         return queue_after_oom(queue, task.memory_mib, settings.namespace, settings.memory_classes_mib)

@@ -12,7 +12,7 @@ import pytest
 
 from fleet.contract import FailureRecord, VideoTask, queue_name
 from fleet.errors import GpuOutOfMemory, InputError
-from fleet.placement import queue_after_oom
+from fleet.routing import queue_after_oom
 from fleet.publisher import encode_message
 from fleet.records import RunningEntry
 from fleet.settings import load_settings

@@ -18,12 +18,9 @@ from fleet.placement import (
     choose_group,
     eligible_gpus,
     max_usable,
-    memory_class_for,
-    queue_for_sample,
-    next_memory_class,
     order_requests,
-    queues_for_gpu,
 )
+from fleet.routing import memory_class_for, next_memory_class, queue_for_sample, queues_for_gpu
 
 GB = 1024  # the seed's "GB" are GiB: its logs show 12 GB as 12288 MB (§14.1)
 TOTAL_80 = 80 * GB  # nvidia-smi's 81920 MiB for an 80 GB A800 / A100

@@ -1,0 +1,96 @@
+"""Routing: which queue a sample goes to, which queues a worker takes, and where a sample
+goes after running out of memory. Queues are tagged by what a task needs (see
+fleet.contract.queue_name): pinned GPUs, several GPUs, a memory class, or any GPU.
+Memory in MiB."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fleet.contract import queue_name
+from fleet.errors import ConfigError, PlacementError
+from fleet.gpu_inventory import GpuSnapshot
+from fleet.placement import PlacementPolicy, gib, in_pool
+
+
+def _classes(memory_classes: Iterable[int]) -> list[int]:
+    classes = sorted(set(memory_classes))
+    if any(not isinstance(c, int) or c <= 0 for c in classes):
+        raise ConfigError(f"memory classes must be positive MiB integers, got {classes}")
+    return classes
+
+
+def memory_class_for(memory_mib: int, classes: Iterable[int]) -> int:
+    """The smallest class (MiB) holding ``memory_mib``; PlacementError when none does."""
+    ordered = _classes(classes)
+    for c in ordered:
+        if c >= memory_mib:
+            return c
+    largest = gib(ordered[-1]) if ordered else "none configured"
+    raise PlacementError(f"a sample declaring {gib(memory_mib)} exceeds the largest memory class ({largest})")
+
+
+def next_memory_class(current: int, classes: Iterable[int]) -> int | None:
+    """The next class above ``current`` MiB (where a sample goes after an OOM); None at the top."""
+    return next((c for c in _classes(classes) if c > current), None)
+
+
+def pin_need(gpus: Iterable[int]) -> str:
+    """The queue need of samples pinned to these GPUs: ``pin.0-1``.
+
+    Named by the GPU set, not the category, so category names (spaces, commas, any
+    script) never reach a queue name, and categories pinned alike share one queue.
+    """
+    return "pin." + "-".join(str(g) for g in sorted(set(gpus)))
+
+
+def queue_for_sample(category: str, memory_mib: int, policy: PlacementPolicy, namespace: str,
+                     memory_classes: Iterable[int], n_gpus: int = 1) -> str:
+    """Where the producer publishes a sample: pinned GPUs, multi-GPU, memory class, or shared."""
+    if category in policy.assignment:
+        return queue_name(namespace, pin_need(policy.assignment[category]))
+    if n_gpus > 1:
+        return queue_name(namespace, f"gpus{n_gpus}")
+    classes = list(memory_classes)
+    if classes and memory_mib > 0:
+        return queue_name(namespace, f"mem{memory_class_for(memory_mib, classes)}")
+    return queue_name(namespace, "gpu")
+
+
+def queues_for_gpu(
+    gpu_index: int, snapshot: GpuSnapshot, policy: PlacementPolicy, namespace: str, memory_classes: Iterable[int]
+) -> list[str]:
+    """Queues a worker on this GPU consumes, most specific first.
+
+    A GPU pinned in ``policy.assignment`` is dedicated to its categories (seed 000's manual
+    assignment): it consumes only ``<ns>.q.pin.<category>``. Any other GPU consumes the
+    memory-class queues ``<ns>.q.mem<MiB>`` whose class fits its total memory (largest
+    first) and the shared ``<ns>.q.gpu``. Raises PlacementError for a GPU the policy rules out.
+    Classes compare with the total NVML reports, below the nominal size (an "80 GB" H100: 81559 MiB).
+    """
+    if snapshot.index != gpu_index:
+        raise PlacementError(f"snapshot of GPU {snapshot.index} given for GPU {gpu_index}")
+    if not in_pool(gpu_index, policy):
+        raise PlacementError(f"GPU {gpu_index} is excluded or outside the GPU pool {policy.gpus}")
+    pinned = sorted({pin_need(gpus) for gpus in policy.assignment.values() if gpu_index in gpus})
+    if pinned:
+        return [queue_name(namespace, need) for need in pinned]
+    fits = [c for c in reversed(_classes(memory_classes)) if c <= snapshot.memory_total_mib]
+    return [queue_name(namespace, f"mem{c}") for c in fits] + [queue_name(namespace, "gpu")]
+
+
+def queue_after_oom(queue: str, memory_mib: int, namespace: str, memory_classes: Iterable[int]) -> str | None:
+    """Where a sample goes after running out of memory on ``queue``: the next larger memory
+    class, or None when there is none (the sample then fails as OOM)."""
+    classes = list(memory_classes)
+    if not classes:
+        return None
+    prefix = queue_name(namespace, "mem")
+    if queue.startswith(prefix) and queue[len(prefix):].isdigit():
+        current = int(queue[len(prefix):])
+    elif queue == queue_name(namespace, "gpu"):
+        current = memory_class_for(memory_mib, classes) if memory_mib <= max(classes) else max(classes)
+    else:
+        return None  # pinned and multi-GPU samples stay where the user put them
+    nxt = next_memory_class(current, classes)
+    return queue_name(namespace, f"mem{nxt}") if nxt is not None else None
