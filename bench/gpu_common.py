@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
 import redis  # noqa: E402
 
 from fleet.contract import CompletionRecord, FailureRecord, Keys  # noqa: E402
+from fleet.launcher import alive  # noqa: E402
 
 NAMESPACE = "fleet"
 
@@ -107,17 +108,8 @@ def fake_gpu_file(path: Path, n: int, total_mib: int = 81559) -> Path:
 
 
 def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
+    """The process runs (a zombie counts as gone)."""
+    return alive(pid)
 
 
 def kill_pid(pid: int, grace_s: float = 5.0) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fleet.contract import ModelSpec
+from fleet.documents import read_mapping
 from fleet.errors import InputError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm")
@@ -120,28 +121,6 @@ class LoadedExperiment(BaseModel):
     memory_mib: int
 
 
-def _load_mapping(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: experiment file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read experiment file: {e}") from None
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError: both say where
-        msg = " ".join(str(e).split())
-        raise InputError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {msg}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: an experiment must be a mapping with a 'kind' field, not {type(data).__name__}")
-    return data
-
-
 def _resolve(base: Path, p: str) -> Path:
     q = Path(p).expanduser()
     return q if q.is_absolute() else (base / q)
@@ -188,7 +167,7 @@ def load_experiment(path: Path | str, default_output: Path | None = None) -> Loa
     ``default_output`` (the settings' output_dir) holds ``<name>/`` when the file names no output.
     """
     path = Path(path).expanduser()
-    data = _load_mapping(path)
+    data = read_mapping(path, "experiment file", InputError)
     kind = data.get("kind")
     if kind != "video":
         raise InputError(f"{path}: kind: must be 'video', got {kind!r}")

@@ -8,7 +8,6 @@ environment alike, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from fleet.documents import read_mapping
 from fleet.errors import ConfigError
 from fleet.placement import PlacementPolicy
 
@@ -109,25 +109,7 @@ class _FileSource(PydanticBaseSettingsSource):
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """A YAML or JSON mapping from ``path``; ConfigError with the file's name otherwise."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from e
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:  # yaml and json errors both carry the position in str(e)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first}") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config file must hold a mapping of settings, not {type(data).__name__}")
-    return data
+    return read_mapping(path, "config file", ConfigError, empty_ok=True)
 
 
 def _check_env_names() -> None:

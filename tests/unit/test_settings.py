@@ -67,7 +67,7 @@ def test_unknown_env_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read config file"):
+    with pytest.raises(ConfigError, match="config file not found"):
         load_settings(tmp_path / "nope.yaml")
 
 
