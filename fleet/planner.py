@@ -51,21 +51,13 @@ class Plan:
     task_name: str = TASK_VIDEO
 
 
+_OUTPUT_FIELDS = ("mode", "width", "height", "frames", "fps", "steps", "cfg_scale", "negative_prompt", "tiled")
+
+
 def _common_fields(exp: LoadedExperiment) -> dict:
+    """What every sample of the experiment shares that decides its output (part of its id)."""
     s = exp.spec
-    common = {
-        "kind": "video",
-        "mode": s.mode,
-        "model": exp.model.identity(),
-        "width": s.width,
-        "height": s.height,
-        "frames": s.frames,
-        "fps": s.fps,
-        "steps": s.steps,
-        "cfg_scale": s.cfg_scale,
-        "negative_prompt": s.negative_prompt,
-        "tiled": s.tiled,
-    }
+    common = {"kind": "video", "model": exp.model.identity(), **{f: getattr(s, f) for f in _OUTPUT_FIELDS}}
     if s.mode == "motion":
         common["denoising_strength"] = s.denoising_strength
     return common
@@ -213,16 +205,8 @@ def payload_head(plan: Plan) -> str:
     const = {
         "schema": VIDEO_SCHEMA,
         "experiment": exp.name,
-        "negative_prompt": s.negative_prompt,
-        "mode": s.mode,
+        **{f: getattr(s, f) for f in _OUTPUT_FIELDS},
         "denoising_strength": s.denoising_strength,
-        "width": s.width,
-        "height": s.height,
-        "frames": s.frames,
-        "fps": s.fps,
-        "steps": s.steps,
-        "cfg_scale": s.cfg_scale,
-        "tiled": s.tiled,
         "model": exp.model.model_dump(),
         "memory_mib": exp.memory_mib,
         "attempt": 1,
