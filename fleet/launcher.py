@@ -41,7 +41,8 @@ class UpInfo:
 
     def describe(self) -> str:
         head = "fleet is already up" if self.already else "fleet is up"
-        w = ", ".join(f"{n} (pid {p})" for n, p in self.workers.items()) or "none yet"
+        w = ", ".join(f"{n} (pid {p})" for n, p in self.workers.items())
+        w = w or f"none yet: no GPU is usable under the placement policy (reasons in {self.logs / 'supervisor.log'})"
         return f"{head}\n  redis:   {self.broker_url}\n  flower:  {self.flower_url}\n  workers: {w}\n  logs:    {self.logs}"
 
 
@@ -162,6 +163,7 @@ def up(settings: FleetSettings, cpu_workers: int | None = None) -> UpInfo:
             with inventory_from_env() as inv:
                 check_feasible(inv.snapshot(), settings.placement)
         pids: dict[str, int] = {}
+        (run_dir(settings) / "workers.json").unlink(missing_ok=True)  # a stale one would end the wait below
         try:
             if settings.broker_url is None:
                 pids["redis"] = start_embedded_redis(settings)
@@ -185,8 +187,10 @@ def up(settings: FleetSettings, cpu_workers: int | None = None) -> UpInfo:
             })
             _wait(lambda: _http_ok(flower_url + "/healthcheck") or not alive(pids["flower"]), 30, "Flower",
                   settings.logs / "flower.log")
-            _wait(lambda: bool(_workers(settings)) or not alive(pids["supervisor"]), 30, "the supervisor",
-                  settings.logs / "supervisor.log")
+            # The supervisor's first decision, not a worker: when colleagues hold every GPU the
+            # fleet is up all the same, and its workers start as GPUs come free.
+            _wait(lambda: (run_dir(settings) / "workers.json").exists() or not alive(pids["supervisor"]), 30,
+                  "the supervisor", settings.logs / "supervisor.log")
             for name, pid in pids.items():
                 if not alive(pid):
                     raise ConfigError(f"{name} exited at start; see {settings.logs / (name + '.log')}")

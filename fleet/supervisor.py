@@ -163,6 +163,7 @@ class Supervisor:
             want = {p.name: p for p in self.desired()}
         except Exception as e:  # a flaky driver read must not take the fleet down
             log.warning("cannot read the GPUs (%s); keeping the workers as they are", e)
+            self._write_pids()
             return
         for name in list(self.running):
             if name not in want:
@@ -173,6 +174,10 @@ class Supervisor:
             if self._gpus_busy(plan, name):
                 continue  # a worker leaving these GPUs is finishing its sample; start after it
             self.start(plan)
+        self._write_pids()
+
+    def _write_pids(self) -> None:
+        """<state>/run/workers.json: what `fleet up` shows and `fleet down` stops if we die."""
         write_json_atomic(run_dir(self.settings) / "workers.json", {n: r.proc.pid for n, r in self.running.items()})
 
     def _gpus_busy(self, plan: WorkerPlan, name: str) -> bool:

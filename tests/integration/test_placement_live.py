@@ -110,3 +110,16 @@ def test_multi_gpu_work_goes_first_on_a_group_worker(local_fleet: LocalFleet, vi
     assert f.enqueue(single)["enqueued"] == 2
     wait_for(lambda: sum(r.gpu in ("0", "1") for r in records(f)) == 2, 120, "single-GPU samples done")
     wait_for(lambda: "gpus0-1" not in f.worker_pids(), 30, "the group worker stopped")
+
+
+def test_up_with_every_gpu_taken_waits_for_one(local_fleet: LocalFleet, tmp_path: Path) -> None:
+    f = local_fleet
+    gpus = tmp_path / "gpus.json"
+    write_gpus(gpus, colleague_on={0, 1})
+    env = {"FLEET_FAKE_GPUS": str(gpus), "FLEET_PLACEMENT_INTERVAL_S": "0.3"}
+    out = f.fleet("up", "--exclusive", check=True, **env).stdout
+    assert "none yet: no GPU is usable" in out and f.worker_pids() == {}
+    assert "not idle for exclusive mode" in (f.logs / "supervisor.log").read_text()
+    write_gpus(gpus, colleague_on={1})  # GPU 0 comes free
+    wait_for(lambda: entry(f, "gpu0") is not None, 60, "a worker on the GPU that came free")
+    assert list(f.worker_pids()) == ["gpu0"]
