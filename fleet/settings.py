@@ -51,6 +51,10 @@ class FleetSettings(BaseSettings):
     max_deliveries: int = Field(
         3, ge=1, description="Times a sample may start; one that keeps killing its worker fails after this many."
     )
+    max_consecutive_errors: int = Field(
+        3, ge=1, description="A worker whose samples fail this many times in a row with unexpected errors "
+        "(broken CUDA, full disk) stops taking work instead of failing the whole queue",
+    )
     torch_threads: int = Field(1, ge=1, description="torch.set_num_threads per worker (CPU work; small hosts).")
     placement: PlacementPolicy = Field(
         default_factory=PlacementPolicy,

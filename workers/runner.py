@@ -8,6 +8,8 @@ lease another live worker holds is skipped, so no sample runs twice at once.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import threading
 import time
@@ -51,6 +53,7 @@ class SampleRunner:
     ) -> None:
         """``oom_route(task, queue)`` names the queue of the next larger memory class, if any."""
         self.oom_route = oom_route
+        self.consecutive_errors = 0  # unexpected errors in a row; a broken worker stops (see _on_error)
         self.settings = settings
         self.client = client
         self.keys = Keys(settings.namespace)
@@ -126,6 +129,7 @@ class SampleRunner:
             model_load_s=round(result.model_load_s, 4),
             finished_at=time.time(),
         )
+        self.consecutive_errors = 0
         # The output is in place: a Redis restart must not make the worker forget it made it.
         self._persist(lambda: records.complete(self.client, self.keys, record), f"the record of {task.sample_id}")
         log.info(
@@ -134,6 +138,12 @@ class SampleRunner:
             f"loaded in {record.model_load_s:.2f}s" if record.model_loaded else "resident", record.output_path,
         )
         return "done"
+
+    def on_broken(self, why: str) -> None:
+        """Stop taking work: a warm shutdown (the current sample's outcome is recorded first);
+        `fleet up`'s supervisor restarts the worker after a back-off."""
+        log.error("worker %s looks broken (%s); stopping", self.worker, why)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _persist(self, write: Callable[[], None], what: str) -> None:
         """Run a Redis write, retrying through a Redis restart (up to redis_retry_s)."""
@@ -153,7 +163,17 @@ class SampleRunner:
     redis_retry_s = 300.0  # how long a finished sample's record waits for Redis to come back
 
     def _on_error(self, task: VideoTask, queue: str, e: Exception) -> str:
-        retryable = isinstance(e, FleetError) and e.retryable
+        # An error fleet did not classify (a CUDA fault, a full disk, a library bug) may be
+        # this worker's, not the sample's: the sample gets another attempt, elsewhere if
+        # this worker stops. Several in a row mean the worker is broken: it stops taking
+        # work rather than failing every sample of the queue.
+        unexpected = not isinstance(e, FleetError)
+        retryable = unexpected or e.retryable
+        if unexpected:
+            self.consecutive_errors += 1
+            if self.consecutive_errors >= self.settings.max_consecutive_errors:
+                self.on_broken(f"{self.consecutive_errors} samples in a row failed with unexpected errors, "
+                               f"the last {type(e).__name__}: {e}")
         target: str | None = queue
         if isinstance(e, GpuOutOfMemory):
             # A sample that ran out of memory goes to the next larger memory class; with none

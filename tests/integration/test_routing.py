@@ -162,3 +162,17 @@ def test_orphan_is_published_again_exactly_once(fleet_ns: Fleet, tmp_path: Path)
     takes = [records.take_orphan(fleet_ns.client, fleet_ns.keys, "s" * 32, "[]", entry.queue, msg) for _ in range(3)]
     assert takes == [True, False, False]
     assert fleet_ns.client.llen(entry.queue) == 1 and not fleet_ns.client.hexists(fleet_ns.keys.running, "s" * 32)
+
+
+def test_a_worker_whose_samples_keep_failing_unexpectedly_stops(fleet_ns: Fleet, runner_for, tmp_path: Path) -> None:
+    def broken(task: VideoTask):
+        raise RuntimeError("CUDA error: unspecified launch failure")
+
+    r = runner_for(broken, max_consecutive_errors=3)
+    stopped: list[str] = []
+    r.on_broken = stopped.append  # instead of SIGTERMing the test process
+    q = queue_name(fleet_ns.namespace, "gpu")
+    outcomes = [r.run(a_task(tmp_path, sample_id=f"{i}" * 32), q) for i in range(3)]
+    assert outcomes == ["retried"] * 3  # each sample gets another attempt (on another worker)
+    assert len(stopped) == 1 and "3 samples in a row" in stopped[0] and "CUDA error" in stopped[0]
+    assert {p["attempt"] for p in queue_ids(fleet_ns, "gpu")} == {2}
