@@ -58,6 +58,7 @@ class Supervisor:
     interval_s: float = 3.0
     running: dict[str, Running] = field(default_factory=dict)
     backoff: dict[str, float] = field(default_factory=dict)  # name -> not before (monotonic)
+    exits: dict[str, int] = field(default_factory=dict)  # name -> quick exits in a row
     stopping: bool = False
     _last_decisions: tuple = ()
     _snaps: dict[int, GpuSnapshot] = field(default_factory=dict)
@@ -154,7 +155,11 @@ class Supervisor:
             if rc is not None:
                 del self.running[name]
                 if not r.stopping:
-                    delay = 2.0 if now - r.started > 60 else min(60.0, 2 * max(2.0, now - r.started))
+                    # Doubling back-off for a worker that keeps exiting (a broken GPU, a bad
+                    # install); one that ran for 10 minutes starts over at 2 s.
+                    n = 0 if now - r.started > 600 else self.exits.get(name, 0) + 1
+                    self.exits[name] = n
+                    delay = min(600.0, 2.0 * 2 ** n)
                     self.backoff[name] = now + delay
                     log.warning("worker %s exited with %s; restarting in %.0f s", name, rc, delay)
         if self.stopping:
