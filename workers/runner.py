@@ -70,6 +70,9 @@ class SampleRunner:
         from workers.wan_model import ModelCache
 
         if self._cache is None:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
             self._cache = ModelCache()
         return run_video_sample, self._cache
 
@@ -107,10 +110,10 @@ class SampleRunner:
                 self.current = None
 
     def _execute(self, task: VideoTask, queue: str, deliveries: int) -> str:
-        run_video_sample, cache = self._job()
         t0 = time.monotonic()
         log.info("start %s: %s/%s seed %d prompt %d (attempt %d)", task.sample_id, task.category, task.video, task.seed, task.prompt_index, task.attempt)
         try:
+            run_video_sample, cache = self._job()  # a broken torch install fails here, classified below
             result = run_video_sample(task, cache, self.device)
         except Exception as e:  # classified below; the worker itself must survive any sample
             return self._on_error(task, queue, e)
