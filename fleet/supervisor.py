@@ -114,9 +114,10 @@ class Supervisor:
         ns = self.settings.namespace
         if self.client.llen(queue_name(ns, f"gpus{n}")):
             return True
+        fresh = time.time() - max(15.0, 3 * self.settings.heartbeat_s)
         for raw in self.client.hvals(Keys(ns).workers):
             w = WorkerEntry.model_validate_json(raw)
-            if w.gpu.count(",") == n - 1 and w.sample_id is not None:
+            if w.gpu.count(",") == n - 1 and w.sample_id is not None and w.seen_at > fresh:
                 return True
         return False
 

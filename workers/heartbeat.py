@@ -62,6 +62,7 @@ class Heartbeat(threading.Thread):
         r, s, keys = self.runner.client, self.runner.settings, self.runner.keys
         if not r.set(keys.reaper_lock, self.runner.worker, nx=True, px=int(s.heartbeat_s * 1000)):
             return
+        self._forget_dead_workers()
         for sid in records.recover_lost(r, keys, queue_name(s.namespace, ""), max(10.0, 2 * s.heartbeat_s),
                                         lambda q, payload: encode_message(TASK_VIDEO, payload, q, "recovered")):
             log.warning("sample %s: its message was lost (Redis restart?); published it again", sid)
@@ -72,6 +73,15 @@ class Heartbeat(threading.Thread):
             msg = encode_message(TASK_VIDEO, json.dumps(task, ensure_ascii=False), entry.queue, label)
             if records.take_orphan(r, keys, sid, queued, entry.queue, msg):
                 log.warning("sample %s: worker %s died mid-sample; published it again", sid, entry.worker)
+
+    def _forget_dead_workers(self) -> None:
+        """Drop the entries of workers that stopped beating (SIGKILL leaves them behind)."""
+        r, s, keys = self.runner.client, self.runner.settings, self.runner.keys
+        cutoff = time.time() - max(60.0, 10 * s.heartbeat_s)
+        dead = [name for name, raw in r.hgetall(keys.workers).items()
+                if WorkerEntry.model_validate_json(raw).seen_at < cutoff]
+        if dead:
+            r.hdel(keys.workers, *dead)
 
     def shutdown(self) -> None:
         self.stop_event.set()
