@@ -12,6 +12,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,10 @@ def write_video_atomically(frames: list[Any], final: Path, fps: int) -> None:
     partial file at ``final``.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of an earlier attempt that was killed mid-write. Only this sample's, and
+    # the lease guarantees no other worker is writing it now.
+    for stale in final.parent.glob(f".{glob_escape(final.name)}.*.tmp.mp4"):
+        stale.unlink(missing_ok=True)
     tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp.mp4"
     try:
         encode_mp4(frames, tmp, fps)

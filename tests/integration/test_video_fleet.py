@@ -103,4 +103,5 @@ def test_worker_killed_mid_sample(fleet_ns: Fleet, video_experiment) -> None:
     rec = next(iter(records(fleet_ns).values()))
     assert rec.worker.startswith("cpu1@") and rec.deliveries == 2
     assert read_frames(out).shape == (5, 128, 128, 3)
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # a temp file the kill left is cleaned up
     assert fleet_ns.client.hlen(fleet_ns.keys.running) == 0 and fleet_ns.client.hlen(fleet_ns.keys.queued) == 0

@@ -173,3 +173,12 @@ def test_out_of_memory_becomes_retryable(
     assert info.value.retryable
     assert "30000 MiB" in str(info.value) and "cuda:0" in str(info.value)
     assert not out.exists()
+
+
+def test_a_temp_file_left_by_a_killed_write_is_removed(spec: ModelSpec, cache: ModelCache, tmp_path: Path) -> None:
+    out = tmp_path / "seed_42_prompt_0 [x].mp4"  # glob characters in the name must not matter
+    (tmp_path / f".{out.name}.dead0001.tmp.mp4").write_bytes(b"half an mp4")
+    other = tmp_path / ".seed_42_prompt_1.mp4.dead0002.tmp.mp4"  # another sample's: left alone
+    other.write_bytes(b"not ours")
+    run_video_sample(make_task(spec, out), cache, "cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, other.name])
