@@ -48,6 +48,7 @@ class Keys:
         self.payloads = f"{ns}:payloads"  # value: "<head id>\t<queue>\t<payload after its head>"
         self.payload_heads = f"{ns}:payload_heads"  # HASH head id -> the constant start of an experiment's payloads
         self.lost_suspects = f"{ns}:lost_suspects"  # HASH sample id -> unix time first seen without a message
+        self.orphan_suspects = f"{ns}:orphan_suspects"  # HASH sample id -> unix time first seen without a lease
         self.running = f"{ns}:running"  # HASH sample id -> RunningEntry JSON
         self.deliveries = f"{ns}:deliveries"  # HASH sample id -> times the sample started
         self.probes = f"{ns}:probes"  # HASH video content id -> "ok" once it decoded

@@ -66,13 +66,42 @@ class Heartbeat(threading.Thread):
         for sid in records.recover_lost(r, keys, queue_name(s.namespace, ""), max(10.0, 2 * s.heartbeat_s),
                                         lambda q, payload: encode_message(TASK_VIDEO, payload, q, "recovered")):
             log.warning("sample %s: its message was lost (Redis restart?); published it again", sid)
-        for sid, entry in records.orphans(r, keys, s.lease_ttl_s):
+        for sid, entry in self._confirmed_orphans():
             task = entry.task
             queued = records.queued_value(str(task.get("experiment", "?")), str(task.get("category", "?")))
             label = f"{task.get('category')}/{task.get('video')} seed {task.get('seed')} (orphaned by {entry.worker})"
             msg = encode_message(TASK_VIDEO, json.dumps(task, ensure_ascii=False), entry.queue, label)
             if records.take_orphan(r, keys, sid, queued, entry.queue, msg):
                 log.warning("sample %s: worker %s died mid-sample; published it again", sid, entry.worker)
+
+    def _confirmed_orphans(self, now: float | None = None) -> list:
+        """Running samples without a lease whose worker has not beaten since: dead.
+
+        A live worker loses its lease too when Redis is down longer than the lease; it
+        takes it back at its next beat. So an orphan is published again only when seen
+        without a lease for two beats and its worker has not beaten since it was first seen.
+        """
+        r, s, keys = self.runner.client, self.runner.settings, self.runner.keys
+        now = time.time() if now is None else now
+        found = records.orphans(r, keys, s.lease_ttl_s, now)
+        first = {k.decode(): float(v) for k, v in r.hgetall(keys.orphan_suspects).items()}
+        gone = [sid for sid in first if sid not in {sid for sid, _ in found}]
+        if gone:
+            r.hdel(keys.orphan_suspects, *gone)
+        workers = {k.decode(): WorkerEntry.model_validate_json(v) for k, v in r.hgetall(keys.workers).items()}
+        confirmed = []
+        for sid, entry in found:
+            if sid not in first:
+                r.hset(keys.orphan_suspects, sid, now)
+                continue
+            w = workers.get(entry.worker)
+            if w is not None and w.seen_at > first[sid] and w.sample_id == sid:
+                r.hdel(keys.orphan_suspects, sid)  # alive: it takes its lease back at its next beat
+                continue
+            if now - first[sid] >= 2 * s.heartbeat_s:
+                r.hdel(keys.orphan_suspects, sid)
+                confirmed.append((sid, entry))
+        return confirmed
 
     def _forget_dead_workers(self) -> None:
         """Drop the entries of workers that stopped beating (SIGKILL leaves them behind)."""

@@ -176,3 +176,28 @@ def test_a_worker_whose_samples_keep_failing_unexpectedly_stops(fleet_ns: Fleet,
     assert outcomes == ["retried"] * 3  # each sample gets another attempt (on another worker)
     assert len(stopped) == 1 and "3 samples in a row" in stopped[0] and "CUDA error" in stopped[0]
     assert {p["attempt"] for p in queue_ids(fleet_ns, "gpu")} == {2}
+
+
+def test_the_reaper_tells_a_dead_worker_from_one_that_lost_its_lease_to_an_outage(
+    fleet_ns: Fleet, runner_for, tmp_path: Path
+) -> None:
+    import time
+
+    from fleet.contract import WorkerEntry
+    from workers.heartbeat import Heartbeat
+
+    r = runner_for(lambda t: None, heartbeat_s=0.2, lease_ttl_s=1.0)
+    beat = Heartbeat(r, ["q"])
+    c, k = fleet_ns.client, fleet_ns.keys
+    for sid, worker in (("a" * 32, "alive@h"), ("d" * 32, "dead@h")):
+        entry = RunningEntry(task=a_task(tmp_path, sample_id=sid), queue="q", worker=worker, token="t", started_at=0.0)
+        c.hset(k.running, sid, entry.model_dump_json())  # no lease: Redis was down longer than the lease
+    dead = WorkerEntry(name="dead@h", hostname="h", pid=1, gpu="0", queues=["q"], sample_id="d" * 32, seen_at=1.0)
+    c.hset(k.workers, "dead@h", dead.model_dump_json())
+    t0 = time.time()
+    assert beat._confirmed_orphans(now=t0) == []  # first sight: suspects only
+    alive = WorkerEntry(name="alive@h", hostname="h", pid=2, gpu="1", queues=["q"], sample_id="a" * 32,
+                        seen_at=t0 + 0.1)  # it beat after the outage
+    c.hset(k.workers, "alive@h", alive.model_dump_json())
+    assert beat._confirmed_orphans(now=t0 + 0.2) == []  # within two beats: nobody is published yet
+    assert [sid for sid, _ in beat._confirmed_orphans(now=t0 + 0.5)] == ["d" * 32]
