@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:
 import redis  # noqa: E402
 
 from fleet.contract import CompletionRecord, FailureRecord, Keys  # noqa: E402
-from fleet.launcher import alive  # noqa: E402
+from fleet.launcher import alive, stop_pids  # noqa: E402
 
 NAMESPACE = "fleet"
 
@@ -114,20 +114,7 @@ def pid_alive(pid: int) -> bool:
 
 def kill_pid(pid: int, grace_s: float = 5.0) -> None:
     """SIGTERM ``pid``, SIGKILL after ``grace_s``."""
-    if not pid_alive(pid):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    end = time.monotonic() + grace_s
-    while pid_alive(pid) and time.monotonic() < end:
-        time.sleep(0.1)
-    if pid_alive(pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    stop_pids({"pid": pid}, grace_s)
 
 
 def run(argv: list[str], env: dict[str, str], timeout_s: float, what: str) -> subprocess.CompletedProcess:

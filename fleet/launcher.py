@@ -195,7 +195,7 @@ def up(settings: FleetSettings, cpu_workers: int | None = None) -> UpInfo:
                 if not alive(pid):
                     raise ConfigError(f"{name} exited at start; see {settings.logs / (name + '.log')}")
         except BaseException:
-            _stop(pids, grace_s=5)
+            stop_pids(pids, grace_s=5)
             _state_file(settings).unlink(missing_ok=True)
             raise
         return UpInfo(False, settings.effective_broker_url, flower_url, pids, _workers(settings), settings.logs)
@@ -217,7 +217,7 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _stop(pids: dict[str, int], grace_s: float) -> list[str]:
+def stop_pids(pids: dict[str, int], grace_s: float) -> list[str]:
     """SIGTERM each pid (in order), SIGKILL what is left after the grace period."""
     stopped = []
     for name, pid in pids.items():
@@ -249,11 +249,11 @@ def down(settings: FleetSettings, grace_s: float = 60.0) -> str:
             return "fleet is not up"
         order = {k: pids[k] for k in ("supervisor", "flower") if k in pids}
         # The supervisor passes the grace period on to its workers; give it a little more.
-        stopped = _stop(order, grace_s=grace_s + 10)
+        stopped = stop_pids(order, grace_s=grace_s + 10)
         leftovers = _workers(settings)  # a supervisor killed hard leaves its workers
-        stopped += _stop(leftovers, grace_s=5)
+        stopped += stop_pids(leftovers, grace_s=5)
         if "redis" in pids:
-            stopped += _stop({"redis": pids["redis"]}, grace_s=10)
+            stopped += stop_pids({"redis": pids["redis"]}, grace_s=10)
         _state_file(settings).unlink(missing_ok=True)
         (run_dir(settings) / "workers.json").unlink(missing_ok=True)
         return "fleet is down (stopped " + ", ".join(stopped) + ")"

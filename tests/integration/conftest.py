@@ -42,6 +42,14 @@ def wait_for(cond: Callable[[], object], timeout_s: float = 60.0, what: str = "c
         time.sleep(interval_s)
 
 
+def fleet_env(fleet: dict[str, str]) -> dict[str, str]:
+    """This process's environment without any FLEET_ setting, plus fast leases and ``fleet``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(FLEET_LEASE_TTL_S="3", FLEET_HEARTBEAT_S="0.5", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(fleet)
+    return env
+
+
 @dataclass
 class Fleet:
     """One test's fleet: namespace, Redis client, environment for `fleet` processes."""
@@ -57,18 +65,8 @@ class Fleet:
         return Keys(self.namespace)
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-        env.update(
-            FLEET_BROKER_URL=self.url,
-            FLEET_NAMESPACE=self.namespace,
-            FLEET_STATE_DIR=str(self.tmp / "state"),
-            FLEET_LEASE_TTL_S="3",
-            FLEET_HEARTBEAT_S="0.5",
-            OMP_NUM_THREADS="1",
-            PYTHONUNBUFFERED="1",
-        )
-        env.update(extra)
-        return env
+        return fleet_env({"FLEET_BROKER_URL": self.url, "FLEET_NAMESPACE": self.namespace,
+                          "FLEET_STATE_DIR": str(self.tmp / "state"), **extra})
 
     def fleet(self, *args: str, check: bool = False, **extra: str) -> subprocess.CompletedProcess:
         """Run the `fleet` CLI in a subprocess; returns the completed process (text)."""
@@ -279,19 +277,8 @@ class LocalFleet:
         return redis.Redis.from_url(self.broker_url, socket_connect_timeout=2, socket_timeout=10)
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-        env.update(
-            FLEET_STATE_DIR=str(self.state),
-            FLEET_EMBEDDED_REDIS_PORT=str(self.redis_port),
-            FLEET_FLOWER_PORT=str(self.flower_port),
-            FLEET_NAMESPACE=self.namespace,
-            FLEET_LEASE_TTL_S="3",
-            FLEET_HEARTBEAT_S="0.5",
-            OMP_NUM_THREADS="1",
-            PYTHONUNBUFFERED="1",
-        )
-        env.update(extra)
-        return env
+        return fleet_env({"FLEET_STATE_DIR": str(self.state), "FLEET_EMBEDDED_REDIS_PORT": str(self.redis_port),
+                          "FLEET_FLOWER_PORT": str(self.flower_port), "FLEET_NAMESPACE": self.namespace, **extra})
 
     def fleet(self, *args: str, check: bool = False, timeout_s: float = 120, **extra: str) -> subprocess.CompletedProcess:
         """Run the `fleet` CLI (``python -m fleet.cli``) in a subprocess of this fleet's environment."""
