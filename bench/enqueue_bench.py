@@ -12,7 +12,7 @@ Then, against a real Redis, in a fresh namespace (``bench-<random>``, deleted at
 
 1. ``first``: ``fleet.enqueue.enqueue`` on an empty namespace: plans, skip-checks, probes
    every reference video (first frame decoded, cached in Redis by content id) and
-   publishes every sample.                                        DESIGN §5 target <= 5 s
+   publishes every sample.                       target (docs/BENCHMARKS.md) <= 5 s
 2. ``in_flight``: the same call again, every sample still queued: nothing published.
 3. ``all_done``: every sample made done exactly as a worker leaves it (completion record in
    the records hash, id in the done set, output file in place - empty, the skip-check only
@@ -20,7 +20,7 @@ Then, against a real Redis, in a fresh namespace (``bench-<random>``, deleted at
 
 Each scenario is timed twice: once through the real ``enqueue(...)`` (the headline figure),
 then split by calling the same functions in the same order from outside (load_experiment,
-plan_experiment, classify, check_videos, payloads + publish) with the namespace in the same
+plan_experiment, classify, check_inputs, payloads + publish) with the namespace in the same
 state. ``av.open`` is counted during the split to show that planning decodes nothing.
 
 Prints a table and, as stdout's last line, one JSON object with every figure.
@@ -44,13 +44,14 @@ from pathlib import Path
 import redis
 
 from fleet.contract import CompletionRecord, Keys, queue_name
-from fleet.enqueue import check_videos, enqueue
+from fleet.enqueue import enqueue
 from fleet.experiment import load_experiment
+from fleet.kinds.base import PlanContext
 from fleet.placement import PlacementPolicy
-from fleet.routing import queue_for_sample
-from fleet.planner import payloads, plan_experiment
+from fleet.planner import check_inputs, payloads, plan_experiment
 from fleet.publisher import Outgoing, publish
 from fleet.records import classify, drop_stale_queued, queued_value
+from fleet.routing import queue_for_sample
 
 PROMPTS_PER_VIDEO = 50
 SEEDS = [42, 142]
@@ -168,7 +169,7 @@ def wipe(client: redis.Redis, namespace: str) -> None:
 
 def reset_to_fresh(client: redis.Redis, keys: Keys, queue: str) -> None:
     """Back to 'never enqueued': no queued entries, no messages, no cached probes."""
-    client.delete(keys.queued, queue, keys.probes)
+    client.delete(keys.queued, queue, keys.kind_cache("video", "probes"))
 
 
 def mark_all_done(client: redis.Redis, keys: Keys, queue: str, exp) -> int:
@@ -184,8 +185,9 @@ def mark_all_done(client: redis.Redis, keys: Keys, queue: str, exp) -> int:
             made_dirs.add(d)
         open(s.output_path, "wb").close()  # a worker renames a finished file into place
         rec = CompletionRecord(
-            sample_id=s.sample_id, experiment=exp.name, category=s.category, output_path=s.output_path,
-            duration_s=180.0, worker="gpu0@bench", hostname="bench", gpu="0", attempt=1, deliveries=1,
+            sample_id=s.sample_id, experiment=exp.name, kind="video", group=s.group, label=s.label,
+            output_path=s.output_path, duration_s=180.0, worker="gpu0@bench", hostname="bench", gpus=[0],
+            attempt=1, deliveries=1,
             model_loaded=False, model_load_s=0.0, finished_at=now,
         )
         pipe.hset(keys.records, s.sample_id, rec.model_dump_json(by_alias=True))
@@ -282,25 +284,23 @@ def split_enqueue(client: redis.Redis, namespace: str, exp_path: Path) -> dict:
         todo = [plan.samples[i] for i in state.todo]
         out["classify_s"] = time.perf_counter() - t
 
-        probed_before = client.hlen(keys.probes)
+        probes = keys.kind_cache("video", "probes")
+        probed_before = client.hlen(probes)
         t = time.perf_counter()
-        check_videos(client, keys, plan, todo)
+        check_inputs(plan, todo, PlanContext(client, keys))
         out["probe_s"] = time.perf_counter() - t
         out["probe_decodes"] = opens.take()
-        out["videos_probed"] = client.hlen(keys.probes) - probed_before
+        out["videos_probed"] = client.hlen(probes) - probed_before
 
     t = time.perf_counter()
     policy, classes = PlacementPolicy(), []  # enqueue()'s defaults
-    routes = {cat: queue_for_sample(cat, exp.memory_mib, policy, namespace, classes, exp.spec.gpus_per_sample)
-              for cat in {smp.category for smp in todo}}
-    marks = {cat: queued_value(exp.name, cat) for cat in routes}
+    routes = {g: queue_for_sample(g, exp.memory_mib, policy, namespace, classes, exp.spec.gpus_per_sample)
+              for g in {smp.group for smp in todo}}
+    marks = {g: queued_value(exp.name, g) for g in routes}
     items = (
-        Outgoing(
-            queue=q, task=plan.task_name, payload_json=payload, sample_id=smp.sample_id,
-            label=f"{smp.category}/{smp.video.name} seed {smp.seed} prompt {smp.prompt_index}",
-            queued_value=marks[smp.category],
-        )
-        for smp, q, payload in payloads(plan, todo, lambda smp: routes[smp.category])
+        Outgoing(queue=q, payload_json=payload, sample_id=smp.sample_id, label=smp.label,
+                 queued_value=marks[smp.group])
+        for smp, q, payload in payloads(plan, todo, lambda smp: routes[smp.group])
     )
     out["published"] = publish(client, keys, items)
     out["publish_s"] = time.perf_counter() - t
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         run("first", {"planned": expected, "done": 0, "in_flight": 0, "enqueued": expected},
             before_each=lambda: reset_to_fresh(client, keys, queue))
         _check(client.llen(queue) == expected and client.hlen(keys.queued) == expected, "first: queue/queued size")
-        _check(client.hlen(keys.probes) == n_videos, "first: every video probed once")
+        _check(client.hlen(keys.kind_cache("video", "probes")) == n_videos, "first: every video probed once")
         reset_to_fresh(client, keys, queue)
         split = split_enqueue(client, namespace, exp_path)
         _check(split["published"] == expected, "first split published all")

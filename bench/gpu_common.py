@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
 import redis  # noqa: E402
 
 from fleet.contract import CompletionRecord, FailureRecord, Keys  # noqa: E402
+from fleet.credentials import REDIS_PASSWORD_FILE, read_secret, with_password  # noqa: E402
 from fleet.launcher import alive, stop_pids  # noqa: E402
 
 NAMESPACE = "fleet"
@@ -192,7 +193,8 @@ class BenchFleet:
 
     @property
     def broker_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        """The embedded Redis with the password `fleet up` keeps in the state folder."""
+        return with_password(f"redis://127.0.0.1:{self.redis_port}/0", read_secret(self.state / REDIS_PASSWORD_FILE))
 
     @property
     def logs(self) -> Path:
@@ -417,7 +419,7 @@ def record_stats(recs: list[CompletionRecord]) -> dict[str, Any]:
         busy_total += busy
         span_total += span
         workers[name] = {
-            "gpu": rs[0].gpu, "samples": len(rs), "model_loads": sum(r.model_loaded for r in rs),
+            "gpus": rs[0].gpus, "samples": len(rs), "model_loads": sum(r.model_loaded for r in rs),
             "model_load_s": round(sum(r.model_load_s for r in rs), 3),
             "mean_sample_s": round(busy / len(rs), 4), "busy_s": round(busy, 3), "span_s": round(span, 3),
             "busy_fraction": round(busy / span, 4) if span > 0 else None,

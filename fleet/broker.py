@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import redis
 
+from fleet.credentials import mask_url
 from fleet.errors import BrokerUnavailable
 from fleet.settings import FleetSettings
 
@@ -16,9 +17,9 @@ def connect(settings: FleetSettings, timeout_s: float = 5.0) -> redis.Redis:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
         how = "start one with `fleet up`" if settings.broker_url is None else "check FLEET_BROKER_URL / broker_url"
-        raise BrokerUnavailable(f"cannot reach Redis at {url} ({_short(e)}); {how}") from None
+        raise BrokerUnavailable(f"cannot reach Redis at {mask_url(url)} ({_short(e)}); {how}") from None
     except redis.ResponseError as e:  # wrong password, protected mode ...
-        raise BrokerUnavailable(f"Redis at {url} refused the connection: {e}") from None
+        raise BrokerUnavailable(f"Redis at {mask_url(url)} refused the connection: {_short(e)}") from None
     return client
 
 

@@ -56,28 +56,28 @@ def main(ctx: click.Context, config: str | None) -> None:
 
 @main.command()
 @click.argument("experiment", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--category", "categories", multiple=True, help="Only this category (repeatable).")
+@click.option("--group", "--category", "groups", multiple=True,
+              help="Only this group: a video category, ... (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Plan and check, publish nothing, list what would go.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: planned, done, in_flight, enqueued.")
 @click.pass_context
 @handles_errors
-def enqueue(ctx: click.Context, experiment: Path, categories: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
+def enqueue(ctx: click.Context, experiment: Path, groups: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
     """Publish every sample of EXPERIMENT that is not done, queued or running."""
     from fleet.broker import connect
     from fleet.enqueue import enqueue as do_enqueue
     from fleet.experiment import load_experiment
 
     settings = settings_of(ctx)
-    exp = load_experiment(experiment, settings.output_dir)
+    exp = load_experiment(experiment, settings.output_dir, settings.kinds)
     client = connect(settings)
-    res = do_enqueue(client, settings.namespace, exp, list(categories) or None, dry_run=dry_run,
-                     policy=settings.placement, memory_classes_mib=settings.memory_classes_mib)
+    res = do_enqueue(client, settings.namespace, exp, list(groups) or None, dry_run=dry_run,
+                     policy=settings.placement, memory_classes_mib=settings.memory_classes_mib, kinds=settings.kinds)
     if as_json:
         d = res.as_dict()
         if dry_run:
             d["would_enqueue"] = [
-                {"sample_id": s.sample_id, "category": s.category, "video": s.video.name, "seed": s.seed,
-                 "prompt_index": s.prompt_index, "output": s.output_path}
+                {"sample_id": s.sample_id, "group": s.group, "label": s.label, "output": s.output_path, **s.body}
                 for s in res.would_enqueue
             ]
         click.echo(json.dumps(d, ensure_ascii=False))
@@ -105,32 +105,37 @@ def enqueue(ctx: click.Context, experiment: Path, categories: tuple[str, ...], d
 def worker(ctx: click.Context, gpu: int | None, gpus: str | None, cpu: bool, slot: int, queues: tuple[str, ...], device: str) -> None:
     """Run one Celery worker for one GPU (prefetch 1, late acks, model kept resident)."""
     from fleet.gpu_inventory import inventory_from_env
-    from fleet.worker_launch import worker_command
+    from fleet.worker_launch import parse_gpus, worker_command
 
     settings = settings_of(ctx)
+    if sum(x for x in (gpu is not None, gpus is not None, cpu)) != 1:
+        raise PlacementError("fleet worker: give exactly one of --gpu N, --gpus N,M or --cpu")
+    ids: tuple[int, ...] = () if cpu else ((gpu,) if gpu is not None else parse_gpus(gpus or ""))
+    if gpu is not None and gpu < 0:
+        raise PlacementError(f"fleet worker --gpu {gpu}: give a GPU index (0, 1, ...)")
     snapshot = None
-    if gpu is not None:
+    if ids:
         with inventory_from_env() as inv:
             snaps = {s.index: s for s in inv.snapshot()}
-        if snaps and gpu not in snaps:
-            raise PlacementError(f"fleet worker --gpu {gpu}: this host has GPUs {sorted(snaps)}")
-        snapshot = snaps.get(gpu)
-    argv, env = worker_command(settings, gpu=gpu, gpus=gpus, cpu=cpu, slot=slot, queues=list(queues), device=device,
-                               snapshot=snapshot)
+        missing = [i for i in ids if snaps and i not in snaps]
+        if missing:
+            raise PlacementError(f"fleet worker: GPU {missing[0]} is not on this host (GPUs {sorted(snaps)})")
+        snapshot = snaps.get(ids[0]) if len(ids) == 1 else None
+    argv, env = worker_command(settings, ids, slot=slot, queues=list(queues), device=device, snapshot=snapshot)
     sys.stdout.flush()
     os.execvpe(argv[0], argv, env)
 
 
 @main.command()
 @click.argument("experiment", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--category", "categories", multiple=True, help="Only this category (repeatable).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object: total, done, queued, running, failed, by_category.")
+@click.option("--group", "--category", "groups", multiple=True, help="Only this group (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: total, done, queued, running, failed, by_group.")
 @click.option("--failed", "show_failed", is_flag=True, help="Also list each failed sample with its error.")
 @click.pass_context
 @handles_errors
-def status(ctx: click.Context, experiment: Path | None, categories: tuple[str, ...], as_json: bool,
+def status(ctx: click.Context, experiment: Path | None, groups: tuple[str, ...], as_json: bool,
            show_failed: bool) -> None:
-    """Done / queued / running / failed, per category and in total."""
+    """Done / queued / running / failed, per group and in total."""
     from fleet.broker import connect
     from fleet.status import experiment_status, failures, global_status
 
@@ -139,8 +144,8 @@ def status(ctx: click.Context, experiment: Path | None, categories: tuple[str, .
     if experiment is not None:
         from fleet.experiment import load_experiment
 
-        exp = load_experiment(experiment, settings.output_dir)
-        st = experiment_status(client, settings.namespace, exp, list(categories) or None)
+        exp = load_experiment(experiment, settings.output_dir, settings.kinds)
+        st = experiment_status(client, settings.namespace, exp, list(groups) or None, settings.kinds)
     else:
         st = global_status(client, settings.namespace)
     d = st.as_dict()
@@ -151,20 +156,19 @@ def status(ctx: click.Context, experiment: Path | None, categories: tuple[str, .
         click.echo(json.dumps(d, ensure_ascii=False))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from rich.markup import escape
-
     t = Table(title="fleet status" + (f": {escape(str(experiment))}" if experiment else ""))
-    for col in ("category", "total", "done", "queued", "running", "failed"):
-        t.add_column(col, justify="left" if col == "category" else "right")
-    for cat, row in d["by_category"].items():
+    for col in ("group", "total", "done", "queued", "running", "failed"):
+        t.add_column(col, justify="left" if col == "group" else "right")
+    for cat, row in d["by_group"].items():
         t.add_row(escape(cat), *(str(row[k]) for k in ("total", "done", "queued", "running", "failed")))
     t.add_row("[b]all[/b]", *(f"[b]{d[k]}[/b]" for k in ("total", "done", "queued", "running", "failed")))
     console = Console()
     console.print(t)
     for f in failed:
-        console.print(f"[red]failed[/red] {f.sample_id} {escape(f.category)} attempt {f.attempt} on {escape(f.worker)}: "
+        console.print(f"[red]failed[/red] {f.sample_id} {escape(f.group)} {escape(f.label)} attempt {f.attempt} on {escape(f.worker)}: "
                       f"{f.error_type}: {escape(f.message)}", highlight=False)
 
 
@@ -257,11 +261,13 @@ def gpus(ctx: click.Context, as_json: bool) -> None:
         console.print("no GPU found (NVML not available or no NVIDIA GPU)")
     else:
         console.print(table(snaps, workers))
-    cpu = [w.name for w in workers if w.gpu == "cpu"]
+    cpu = [w.name for w in workers if not w.gpus]
     if cpu:
         console.print("CPU workers: " + ", ".join(cpu))
     if client is None:
-        console.print(f"(no fleet reachable at {settings.effective_broker_url}: workers not shown)")
+        from fleet.credentials import mask_url
+
+        console.print(f"(no fleet reachable at {mask_url(settings.effective_broker_url)}: workers not shown)")
 
 
 @main.command("make-tiny-model")

@@ -2,39 +2,41 @@
 the versioned JSON payloads and records.
 
 Both sides import this module and nothing else of each other. Every payload carries a
-``schema`` string; a worker refuses one it does not know instead of guessing.
+``schema`` string; a worker refuses one it does not know instead of guessing. No kind of
+work appears here: a task names its kind, and each side looks the kind up in its own
+registry (docs/ARCHITECTURE.md, "The kinds seam").
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 # ---- task names -------------------------------------------------------------------------
-TASK_VIDEO = "fleet.video.generate"
+# One Celery task for every kind: the payload's ``kind`` picks the job, the way dramatiq
+# names the actor in the message. Flower still tells kinds apart by the message's label.
+TASK_SAMPLE = "fleet.sample"
 
 # ---- payload schemas ----------------------------------------------------------------------
-VIDEO_SCHEMA = "fleet.video/1"
-RECORD_SCHEMA = "fleet.record/1"
-FAILURE_SCHEMA = "fleet.failure/1"
+TASK_SCHEMA = "fleet.task/1"
+RECORD_SCHEMA = "fleet.record/2"
+FAILURE_SCHEMA = "fleet.failure/2"
+
+MetricValue = float | int | str | bool | None
 
 
 # ---- queues -------------------------------------------------------------------------------
 def queue_name(namespace: str, need: str = "gpu") -> str:
-    """The queue for tasks that need ``need``.
-
-    ``gpu``: any single GPU (or the CPU worker); ``pin.<category>``: only the GPUs
-    the category is pinned to; ``mem<MiB>``: a GPU with at least that much memory;
-    ``gpus<n>``: a worker holding n GPUs of one host.
-    """
+    """The queue for tasks that need ``need`` (see fleet.routing for the needs)."""
     return f"{namespace}.q.{need}"
 
 
 class Keys:
-    """The Redis key schema of one fleet namespace. Records never expire."""
+    """The Redis key schema of one fleet namespace. Records never expire.
+
+    docs/ARCHITECTURE.md ("Redis keys") gives the lifecycle of each key.
+    """
 
     def __init__(self, namespace: str) -> None:
         ns = namespace
@@ -42,18 +44,15 @@ class Keys:
         self.done = f"{ns}:done"  # SET of sample ids whose record says done
         self.records = f"{ns}:records"  # HASH sample id -> CompletionRecord JSON
         self.failed = f"{ns}:failed"  # HASH sample id -> FailureRecord JSON (cleared on success)
-        self.queued = f"{ns}:queued"  # HASH sample id -> [experiment, category] (published, not started)
-        # HASH sample id -> {"queue", "task"} from publishing until done or failed for good: a
-        # message Redis lost (killed between a worker's BRPOP and its reply) is published again
-        self.payloads = f"{ns}:payloads"  # value: "<head id>\t<queue>\t<payload after its head>"
+        self.queued = f"{ns}:queued"  # HASH sample id -> [experiment, group] (published, not started)
+        # HASH sample id -> "<head id>\t<queue>\t<payload after its head>", from publishing until
+        # done or failed for good: a message Redis lost is published again from it
+        self.payloads = f"{ns}:payloads"
         self.payload_heads = f"{ns}:payload_heads"  # HASH head id -> the constant start of an experiment's payloads
         self.lost_suspects = f"{ns}:lost_suspects"  # HASH sample id -> unix time first seen without a message
         self.orphan_suspects = f"{ns}:orphan_suspects"  # HASH sample id -> unix time first seen without a lease
         self.running = f"{ns}:running"  # HASH sample id -> RunningEntry JSON
         self.deliveries = f"{ns}:deliveries"  # HASH sample id -> times the sample started
-        self.probes = f"{ns}:probes"  # HASH video content id -> "ok" once it decoded
-        # HASH "<path>|<size>|<mtime_ns>|<inode>" -> content id: re-plans hash no unchanged video
-        self.content_ids = f"{ns}:content_ids"
         self.workers = f"{ns}:workers"  # HASH worker name -> WorkerEntry JSON (heartbeat, current sample)
         self.reaper_lock = f"{ns}:lock:reaper"
 
@@ -61,98 +60,79 @@ class Keys:
         """STRING, TTL lease_ttl_s: the worker token running the sample; gone = worker dead."""
         return f"{self.namespace}:lease:{sample_id}"
 
+    def kind_cache(self, kind: str, name: str) -> str:
+        """HASH a kind's planner keeps for itself (e.g. video content ids by file identity)."""
+        return f"{self.namespace}:cache:{kind}:{name}"
+
 
 # ---- payloads ------------------------------------------------------------------------------
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSpec(_Strict):
-    """A Wan model by local file paths (absolute once planned). Nothing is downloaded."""
-
-    name: str = "wan2.1-t2v"
-    dit: list[str] = Field(min_length=1, description="DiT weight files (safetensors), shards in order")
-    text_encoder: str
-    vae: str
-    tokenizer: str = Field(description="Folder of the T5 tokenizer (tokenizer.json ...)")
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-
-    def identity(self) -> dict[str, Any]:
-        """What of the model decides a sample's output: the files as named and the dtype."""
-        return self.model_dump()
-
-
-class VideoTask(_Strict):
-    """One video sample: everything a worker needs, with absolute paths."""
-
-    schema_: Literal["fleet.video/1"] = Field(VIDEO_SCHEMA, alias="schema")
-    sample_id: str
-    experiment: str
-    category: str
-    video: str = Field(description="Reference video name (file stem)")
-    video_path: str
-    prompt: str
-    prompt_index: int = Field(ge=0)
-    negative_prompt: str = ""
-    seed: int
-    mode: Literal["t2v", "motion"]
-    denoising_strength: float = Field(ge=0.0, le=1.0)
-    width: int = Field(gt=0)
-    height: int = Field(gt=0)
-    frames: int = Field(gt=0)
-    fps: int = Field(gt=0)
-    steps: int = Field(gt=0)
-    cfg_scale: float
-    tiled: bool = True
-    model: ModelSpec
-    output_path: str
-    memory_mib: int = Field(0, ge=0, description="GPU memory the sample declares it needs")
-    attempt: int = Field(1, ge=1)
-
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TaskPayload(_Strict):
+    """One sample as published: what the core needs, plus the kind's own parameters.
+
+    ``shared`` holds what every sample of the experiment shares (serialised once per
+    experiment), ``body`` what is this sample's own; the kind's job reads both through
+    ``params``. Paths are absolute.
+    """
+
+    schema_: Literal["fleet.task/1"] = Field(TASK_SCHEMA, alias="schema")
+    kind: str = Field(min_length=1, description="Which job runs it (the worker's kind registry)")
+    sample_id: str = Field(min_length=1)
+    experiment: str
+    group: str = Field(description="What the sample is counted under: a category, a CSV, a grid")
+    label: str = Field("", description="A short human description (Flower, logs, fleet watch)")
+    output_path: str = Field(min_length=1, description="The file (or folder) the sample makes")
+    output_root: str = Field(min_length=1, description="The experiment's output folder; outputs stay inside it")
+    memory_mib: int = Field(0, ge=0, description="GPU memory the sample declares it needs")
+    gpus: int = Field(1, ge=0, description="GPUs the sample holds (0: CPU only)")
+    attempt: int = Field(1, ge=1)
+    shared: dict[str, Any] = Field(default_factory=dict)
+    body: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The kind's parameters: the experiment's shared ones, overridden by the sample's own."""
+        return {**self.shared, **self.body}
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
-
-
-def sample_id(fields: dict[str, Any]) -> str:
-    """A deterministic id from everything that decides a sample's output.
-
-    Canonical JSON (sorted keys, no whitespace) hashed with SHA-256; 32 hex chars.
-    """
-    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
 # ---- records -------------------------------------------------------------------------------
 class CompletionRecord(_Strict):
     """Written when a sample's output is in place. Never expires."""
 
-    schema_: Literal["fleet.record/1"] = Field(RECORD_SCHEMA, alias="schema")
+    schema_: Literal["fleet.record/2"] = Field(RECORD_SCHEMA, alias="schema")
     sample_id: str
     experiment: str
-    category: str
+    kind: str
+    group: str
+    label: str = ""
     output_path: str
     duration_s: float = Field(description="Wall time of the sample on the worker, model load included")
     worker: str
     hostname: str
-    gpu: str = Field(description="CUDA_VISIBLE_DEVICES of the worker, or 'cpu'")
+    gpus: list[int] = Field(description="The worker's GPUs (NVML indices); empty for a CPU worker")
     attempt: int
     deliveries: int
     model_loaded: bool = Field(description="Whether this sample paid for loading the model")
     model_load_s: float = Field(description="Seconds spent loading the model for this sample (0 when resident)")
+    metrics: dict[str, MetricValue] = Field(default_factory=dict, description="What the job reported (units in names)")
     finished_at: float = Field(description="Unix time")
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class FailureRecord(_Strict):
     """Written when a sample fails for good (or for now, when ``retryable`` and attempts remain)."""
 
-    schema_: Literal["fleet.failure/1"] = Field(FAILURE_SCHEMA, alias="schema")
+    schema_: Literal["fleet.failure/2"] = Field(FAILURE_SCHEMA, alias="schema")
     sample_id: str
     experiment: str
-    category: str
+    kind: str
+    group: str
+    label: str = ""
     error_type: str
     message: str
     traceback_tail: str
@@ -160,10 +140,17 @@ class FailureRecord(_Strict):
     attempt: int
     worker: str
     hostname: str
-    gpu: str
+    gpus: list[int]
+    metrics: dict[str, MetricValue] = Field(default_factory=dict)
     failed_at: float
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+def record_group(raw: bytes | str) -> str:
+    """The group of a completion or failure record of any schema (version 1 said ``category``)."""
+    import json
+
+    d = json.loads(raw)
+    return str(d.get("group", d.get("category", "?")))
 
 
 class RunningEntry(_Strict):
@@ -184,8 +171,10 @@ class WorkerEntry(BaseModel):
     name: str
     hostname: str
     pid: int
-    gpu: str
+    gpus: tuple[int, ...] = Field(description="NVML indices of its GPUs; () for a CPU worker")
     queues: list[str]
     sample_id: str | None = None
-    category: str | None = None
+    group: str | None = None
+    label: str | None = None
+    progress: float | None = Field(None, description="Fraction of the current sample done, when the job reports it")
     seen_at: float

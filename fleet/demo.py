@@ -109,13 +109,13 @@ def run_demo(settings: FleetSettings, directory: Path, n_workers: int) -> None:
     directory = directory.resolve()
     click.echo(f"building the demo in {directory} (tiny model, 4 categories of reference videos) ...")
     exp_path = build_demo(directory)
-    exp = load_experiment(exp_path, settings.output_dir)
+    exp = load_experiment(exp_path, settings.output_dir, settings.kinds)
     has_gpu = bool(inventory_from_env().snapshot())
     info = up(settings, cpu_workers=None if has_gpu else n_workers)
     click.echo(info.describe())
     try:
         client = connect(settings.model_copy(update={"broker_url": info.broker_url}))
-        res = enqueue(client, settings.namespace, exp, policy=settings.placement,
+        res = enqueue(client, settings.namespace, exp, policy=settings.placement, kinds=settings.kinds,
                       memory_classes_mib=settings.memory_classes_mib)
         click.echo(f"planned {res.planned}, done {res.done}, in flight {res.in_flight}, enqueued {res.enqueued}")
         cols = (TextColumn("[b]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[extra]}"),
@@ -124,7 +124,7 @@ def run_demo(settings: FleetSettings, directory: Path, n_workers: int) -> None:
         with Progress(*cols) as bar:
             t = bar.add_task("samples", total=res.planned, extra="")
             while True:
-                d = experiment_status(client, settings.namespace, exp).as_dict()
+                d = experiment_status(client, settings.namespace, exp, kinds=settings.kinds).as_dict()
                 bar.update(t, completed=d["done"], extra=f"running {d['running']}  queued {d['queued']}  failed {d['failed']}")
                 if d["done"] + d["failed"] >= d["total"]:
                     break

@@ -43,6 +43,11 @@ class GpuOutOfMemory(RetryableError):
     """CUDA ran out of memory; a larger memory class or a freer GPU may succeed."""
 
 
+class Preempted(RetryableError):
+    """The worker is being stopped; the job saved what it could and the sample goes back to
+    its queue (the same attempt: nothing went wrong with the sample)."""
+
+
 class BrokerUnavailable(RetryableError):
     """Redis cannot be reached."""
 

@@ -70,11 +70,6 @@ class GpuSnapshot(BaseModel):
             raise ValueError(f"memory used {used} / free {free} MiB exceed total {total} MiB")
         return self
 
-    @property
-    def memory_used_pct(self) -> float:
-        """Used memory as a percentage of total (0 for a GPU reporting no memory)."""
-        return 100.0 * self.memory_used_mib / self.memory_total_mib if self.memory_total_mib else 0.0
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form with the field names above (what a fake GPU file holds)."""
         return self.model_dump(mode="json")

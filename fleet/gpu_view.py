@@ -21,24 +21,28 @@ def live_workers(client: redis.Redis | None, namespace: str, heartbeat_s: float)
     now = time.time()
     out = []
     for raw in client.hvals(Keys(namespace).workers):
-        w = WorkerEntry.model_validate_json(raw)
+        try:
+            w = WorkerEntry.model_validate_json(raw)
+        except ValueError:
+            continue  # an entry of an older fleet version
         if w.hostname == host and now - w.seen_at < max(15.0, 3 * heartbeat_s):
             out.append(w)
     return sorted(out, key=lambda w: w.name)
 
 
 def on_gpu(workers: list[WorkerEntry], index: int) -> list[WorkerEntry]:
-    return [w for w in workers if w.gpu != "cpu" and str(index) in w.gpu.split(",")]
+    return [w for w in workers if index in w.gpus]
 
 
 def as_json(snaps: list[GpuSnapshot], workers: list[WorkerEntry]) -> str:
     rows = []
     for s in snaps:
         d = s.to_dict()
-        d["fleet_workers"] = [{"name": w.name, "pid": w.pid, "sample_id": w.sample_id, "category": w.category}
+        d["fleet_workers"] = [{"name": w.name, "pid": w.pid, "gpus": list(w.gpus), "sample_id": w.sample_id,
+                               "group": w.group, "label": w.label}
                               for w in on_gpu(workers, s.index)]
         rows.append(d)
-    return json.dumps({"gpus": rows, "cpu_workers": [w.name for w in workers if w.gpu == "cpu"]}, ensure_ascii=False)
+    return json.dumps({"gpus": rows, "cpu_workers": [w.name for w in workers if not w.gpus]}, ensure_ascii=False)
 
 
 def table(snaps: list[GpuSnapshot], workers: list[WorkerEntry]):
@@ -53,7 +57,7 @@ def table(snaps: list[GpuSnapshot], workers: list[WorkerEntry]):
         power = "-" if s.power_w is None else f"{s.power_w:.0f} W" + (f" / {s.power_limit_w:.0f} W" if s.power_limit_w else "")
         procs = ", ".join(f"{p.pid} {escape(p.user or '?')} {p.used_mib if p.used_mib is not None else '?'} MiB"
                           for p in s.processes) or "-"
-        ws = "\n".join(escape(f"{w.name} " + (f"running {w.category} {w.sample_id[:12]}" if w.sample_id else "idle"))
+        ws = "\n".join(escape(f"{w.name} " + (f"running {w.label or w.group} {w.sample_id[:12]}" if w.sample_id else "idle"))
                        for w in on_gpu(workers, s.index)) or "-"
         t.add_row(
             str(s.index), escape(s.name), f"{s.memory_used_mib} / {s.memory_total_mib} MiB",

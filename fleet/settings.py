@@ -15,14 +15,16 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from fleet.credentials import REDIS_PASSWORD_FILE, read_secret, with_password
 from fleet.documents import read_mapping
 from fleet.errors import ConfigError
+from fleet.kinds import KindModules
 from fleet.placement import PlacementPolicy
 
 ENV_PREFIX = "FLEET_"
 CONFIG_ENV = "FLEET_CONFIG"
 # Environment variables with the prefix that are not settings fields.
-_NON_SETTING_ENV = {CONFIG_ENV, "FLEET_FAKE_GPUS", "FLEET_WORKER_GPUS"}
+_NON_SETTING_ENV = {CONFIG_ENV, "FLEET_FAKE_GPUS", "FLEET_TEST_REDIS_URL"}  # the last: the test suite's Redis
 
 
 class FleetSettings(BaseSettings):
@@ -42,6 +44,11 @@ class FleetSettings(BaseSettings):
     embedded_redis_port: int = Field(6399, ge=1, le=65535)
     flower_port: int = Field(5555, ge=1, le=65535)
     flower_address: str = "127.0.0.1"
+    flower_user: str = Field("fleet", min_length=1, description="Flower's login name.")
+    flower_password: str | None = Field(
+        None, min_length=1, repr=False,
+        description="Flower's login password. None: generated once, kept in <state_dir>/flower.password (mode 0600).",
+    )
     visibility_timeout_s: int = Field(
         6 * 3600, ge=60, description="Redis redelivers an unacked task after this; keep it above the longest sample."
     )
@@ -63,6 +70,10 @@ class FleetSettings(BaseSettings):
     memory_classes_mib: list[int] = Field(
         [], description="Memory classes (MiB) samples are routed by; an OOM moves a sample to the next one."
     )
+    kinds: dict[str, KindModules] = Field(
+        {}, description="Kinds of work beyond the built-in ones: name -> {planner: module, job: module} "
+        "(fleet.kinds); producers and workers need the same entry",
+    )
     placement_interval_s: float = Field(3.0, gt=0, description="How often `fleet up` re-reads the GPUs.")
     worker_pool: Literal["threads", "solo"] = Field(
         "threads", description="threads (one slot) keeps the worker answering control commands while a sample runs."
@@ -73,6 +84,15 @@ class FleetSettings(BaseSettings):
     def _expand(cls, v: Path | None) -> Path | None:
         return None if v is None else v.expanduser()
 
+    @field_validator("flower_user", "flower_password", mode="after")
+    @classmethod
+    def _flower_login(cls, v: str | None, info: Any) -> str | None:
+        # Flower reads its logins as a comma-separated list of user:password.
+        bad = ",:" if info.field_name == "flower_user" else ","
+        if v is not None and any(c in v for c in bad):
+            raise ValueError(f"must not contain {' or '.join(repr(c) for c in bad)}")
+        return v
+
     @property
     def logs(self) -> Path:
         """The log folder, resolved."""
@@ -80,7 +100,9 @@ class FleetSettings(BaseSettings):
 
     @property
     def embedded_broker_url(self) -> str:
-        return f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+        """The embedded Redis, with the password `fleet up` generated (none before the first up)."""
+        password = read_secret(self.state_dir / REDIS_PASSWORD_FILE)
+        return with_password(f"redis://127.0.0.1:{self.embedded_redis_port}/0", password)
 
     @property
     def effective_broker_url(self) -> str:

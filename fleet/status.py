@@ -1,4 +1,5 @@
-"""``fleet status``: done / queued / running / failed, per category and in total.
+"""``fleet status``: done / queued / running / failed, per group (category, CSV, grid ...)
+and in total, for any kind.
 
 With an experiment, the counts are over its planned samples (done means record and
 file); without one, over every record in the namespace.
@@ -8,30 +9,32 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import redis
 
-from fleet.contract import FailureRecord, Keys
-from fleet.experiment import LoadedExperiment
+from fleet.contract import FailureRecord, Keys, record_group
+from fleet.kinds import KindModules
+from fleet.kinds.base import Experiment, PlanContext
 from fleet.planner import plan_experiment
-from fleet.records import RedisContentIds, classify
+from fleet.records import classify
 
 STATES = ("done", "queued", "running", "failed")
 
 
 @dataclass
 class Status:
-    by_category: dict[str, Counter] = field(default_factory=dict)
-    pending: Counter = field(default_factory=Counter)  # planned but in no state yet, by category
+    by_group: dict[str, Counter] = field(default_factory=dict)
+    pending: Counter = field(default_factory=Counter)  # planned but in no state yet, by group
     sample_ids: set[str] | None = None  # the planned samples (experiment status only)
 
-    def add(self, category: str, state: str, n: int = 1) -> None:
-        self.by_category.setdefault(category, Counter())[state] += n
+    def add(self, group: str, state: str, n: int = 1) -> None:
+        self.by_group.setdefault(group, Counter())[state] += n
 
     def totals(self) -> Counter:
         t: Counter = Counter()
-        for c in self.by_category.values():
+        for c in self.by_group.values():
             t.update(c)
         return t
 
@@ -41,16 +44,19 @@ class Status:
             d["total"] = sum(d.values()) + (sum(self.pending.values()) if cat is None else self.pending.get(cat, 0))
             return d
 
-        cats = sorted(set(self.by_category) | set(self.pending))
+        cats = sorted(set(self.by_group) | set(self.pending))
         out = row(self.totals(), None)
-        out["by_category"] = {c: row(self.by_category.get(c, Counter()), c) for c in cats}
+        out["by_group"] = {c: row(self.by_group.get(c, Counter()), c) for c in cats}
         return out
 
 
-def experiment_status(client: redis.Redis, namespace: str, exp: LoadedExperiment, categories: list[str] | None = None) -> Status:
+def experiment_status(
+    client: redis.Redis, namespace: str, exp: Experiment, groups: list[str] | None = None,
+    kinds: Mapping[str, KindModules] | None = None,
+) -> Status:
     """Counts over the experiment's planned samples (plans; decodes nothing)."""
     keys = Keys(namespace)
-    plan = plan_experiment(exp, categories, RedisContentIds(client, keys))
+    plan = plan_experiment(exp, groups, PlanContext(client, keys), kinds)
     ids = [s.sample_id for s in plan.samples]
     state = classify(client, keys, ids, [s.output_path for s in plan.samples])
     st = Status(sample_ids=set(ids))
@@ -62,15 +68,15 @@ def experiment_status(client: redis.Redis, namespace: str, exp: LoadedExperiment
     for s in plan.samples:
         sid = s.sample_id
         if sid in state.done:
-            st.add(s.category, "done")
+            st.add(s.group, "done")
         elif sid in state.running:
-            st.add(s.category, "running")
+            st.add(s.group, "running")
         elif sid in state.queued:
-            st.add(s.category, "queued")
+            st.add(s.group, "queued")
         elif sid in failed:
-            st.add(s.category, "failed")
+            st.add(s.group, "failed")
         else:
-            st.pending[s.category] += 1
+            st.pending[s.group] += 1
     return st
 
 
@@ -79,15 +85,16 @@ def global_status(client: redis.Redis, namespace: str) -> Status:
     keys = Keys(namespace)
     st = Status()
     for v in client.hvals(keys.records):
-        st.add(json.loads(v)["category"], "done")
+        st.add(record_group(v), "done")
     for v in client.hvals(keys.queued):
         st.add(json.loads(v)[1], "queued")
     for v in client.hvals(keys.running):
-        st.add(json.loads(v)["task"].get("category", "?"), "running")
+        task = json.loads(v)["task"]
+        st.add(str(task.get("group", task.get("category", "?"))), "running")
     settled = set(client.hkeys(keys.records)) | set(client.hkeys(keys.queued)) | set(client.hkeys(keys.running))
     for k, v in client.hgetall(keys.failed).items():
         if k not in settled:  # a failure that is being retried counts as queued or running
-            st.add(json.loads(v)["category"], "failed")
+            st.add(record_group(v), "failed")
     return st
 
 
@@ -99,5 +106,8 @@ def failures(client: redis.Redis, namespace: str, ids: set[str] | None = None) -
     for k, v in client.hgetall(keys.failed).items():
         if k in settled or (ids is not None and k.decode() not in ids):
             continue
-        out.append(FailureRecord.model_validate_json(v))
+        try:
+            out.append(FailureRecord.model_validate_json(v))
+        except ValueError:
+            continue  # a record of an older schema: counted by status, not listed
     return sorted(out, key=lambda f: f.failed_at)

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 import redis
 
 from fleet.broker import connect
-from fleet.contract import Keys, WorkerEntry, queue_name
+from fleet.contract import Keys, WorkerEntry
 from fleet.gpu_inventory import GpuSnapshot, Inventory, inventory_from_env
 from fleet.launcher import run_dir, write_json_atomic
 from fleet.placement import PlacementPolicy, choose_group, eligible_gpus
+from fleet.routing import group_queue
 from fleet.settings import FleetSettings, load_settings
-from fleet.worker_launch import worker_command
+from fleet.worker_launch import worker_command, worker_name
 
 log = logging.getLogger("fleet.supervisor")
 
@@ -35,10 +36,13 @@ class WorkerPlan:
     """One worker this host should run."""
 
     name: str
-    gpu: int | None  # None: a CPU worker, or a group
+    gpus: tuple[int, ...]  # NVML indices; () for a CPU worker, several for multi-GPU work
     slot: int = 0
-    group: tuple[int, ...] = ()  # several GPUs of this host, for multi-GPU work
     reason: str = ""
+
+    @property
+    def is_group(self) -> bool:
+        return len(self.gpus) > 1
 
 
 @dataclass
@@ -70,14 +74,14 @@ class Supervisor:
     def desired(self) -> list[WorkerPlan]:
         """The workers this host should run now, by the placement policy."""
         if self.cpu_workers:
-            return [WorkerPlan(f"cpu{i}", None, i, reason="CPU workers requested") for i in range(self.cpu_workers)]
+            return [WorkerPlan(worker_name((), i), (), i, reason="CPU workers requested") for i in range(self.cpu_workers)]
         snaps = self.inventory.snapshot()
         self._snaps = {s.index: s for s in snaps}
         if not snaps:
-            return [WorkerPlan("cpu0", None, 0, reason="no GPU found: one CPU worker")]
+            return [WorkerPlan(worker_name(()), (), 0, reason="no GPU found: one CPU worker")]
         live = [r for r in self.running.values() if r.proc.poll() is None and not r.stopping]
         own = {r.proc.pid for r in live}
-        held = {g for r in live for g in (r.plan.group or ((r.plan.gpu,) if r.plan.gpu is not None else ()))}
+        held = {g for r in live for g in r.plan.gpus}
         decisions = eligible_gpus(snaps, self.policy, own, held)
         self._log_decisions(decisions)
         plans: list[WorkerPlan] = []
@@ -86,13 +90,12 @@ class Supervisor:
             group = choose_group([d for d in decisions if d.index not in grouped], n, self.policy)
             if group:
                 grouped.update(group)
-                ids = sorted(group)
-                plans.append(WorkerPlan("gpus" + "-".join(map(str, ids)), None, 0, tuple(ids),
-                                        f"{n}-GPU work queued: group of GPUs {ids}"))
+                ids = tuple(sorted(group))
+                plans.append(WorkerPlan(worker_name(ids), ids, 0, f"{n}-GPU work queued: group of GPUs {list(ids)}"))
         for d in decisions:
             if d.usable and d.index not in grouped:
                 for slot in range(d.slots):
-                    plans.append(WorkerPlan(f"gpu{d.index}" + (f"s{slot}" if slot else ""), d.index, slot, reason=d.reason))
+                    plans.append(WorkerPlan(worker_name((d.index,), slot), (d.index,), slot, reason=d.reason))
         return plans
 
     def _multi_gpu_demand(self) -> list[int]:
@@ -100,24 +103,27 @@ class Supervisor:
         if self.client is None:
             return []
         ns = self.settings.namespace
-        busy = {len(r.plan.group) for r in self.running.values() if r.plan.group and not r.stopping}
+        busy = {len(r.plan.gpus) for r in self.running.values() if r.plan.is_group and not r.stopping}
         want = set()
         for n in range(16, 1, -1):
             if n in busy and self._group_busy(n):
                 want.add(n)
-            elif self.client.llen(queue_name(ns, f"gpus{n}")):
+            elif self.client.llen(group_queue(ns, n)):
                 want.add(n)
         return sorted(want, reverse=True)
 
     def _group_busy(self, n: int) -> bool:
         """A group worker of n GPUs still has queued work or a sample running."""
         ns = self.settings.namespace
-        if self.client.llen(queue_name(ns, f"gpus{n}")):
+        if self.client.llen(group_queue(ns, n)):
             return True
         fresh = time.time() - max(15.0, 3 * self.settings.heartbeat_s)
         for raw in self.client.hvals(Keys(ns).workers):
-            w = WorkerEntry.model_validate_json(raw)
-            if w.gpu.count(",") == n - 1 and w.sample_id is not None and w.seen_at > fresh:
+            try:
+                w = WorkerEntry.model_validate_json(raw)
+            except ValueError:
+                continue  # an entry of an older fleet version
+            if len(w.gpus) == n and w.sample_id is not None and w.seen_at > fresh:
                 return True
         return False
 
@@ -129,11 +135,8 @@ class Supervisor:
                 log.info("placement: %s", d.reason)
 
     def start(self, plan: WorkerPlan) -> None:
-        if plan.group:
-            argv, env = worker_command(self.settings, gpus=",".join(map(str, plan.group)))
-        else:
-            argv, env = worker_command(self.settings, gpu=plan.gpu, cpu=plan.gpu is None, slot=plan.slot,
-                                       snapshot=self._snaps.get(plan.gpu) if plan.gpu is not None else None)
+        snapshot = self._snaps.get(plan.gpus[0]) if len(plan.gpus) == 1 else None
+        argv, env = worker_command(self.settings, plan.gpus, slot=plan.slot, snapshot=snapshot)
         logf = self.settings.logs / f"worker-{plan.name}.log"
         logf.parent.mkdir(parents=True, exist_ok=True)
         with open(logf, "ab") as out:
@@ -187,10 +190,9 @@ class Supervisor:
         write_json_atomic(run_dir(self.settings) / "workers.json", {n: r.proc.pid for n, r in self.running.items()})
 
     def _gpus_busy(self, plan: WorkerPlan, name: str) -> bool:
-        mine = set(plan.group) if plan.group else ({plan.gpu} if plan.gpu is not None else set())
+        mine = set(plan.gpus)
         for other, r in self.running.items():
-            theirs = set(r.plan.group) if r.plan.group else ({r.plan.gpu} if r.plan.gpu is not None else set())
-            if other != name and mine & theirs and (r.stopping or bool(plan.group) != bool(r.plan.group)):
+            if other != name and mine & set(r.plan.gpus) and (r.stopping or plan.is_group != r.plan.is_group):
                 return True
         return False
 

@@ -2,7 +2,9 @@
 
 The environment is decided here, before the worker's Python starts, so that
 ``CUDA_VISIBLE_DEVICES`` is in place before anything could import torch and the
-worker's GPU indices agree with NVML's (PCI bus order).
+worker's GPU indices agree with NVML's (PCI bus order). A worker's GPUs are one value
+everywhere (supervisor, this module, the worker, its heartbeat entry, `fleet gpus`): a
+tuple of NVML indices, ``()`` for a CPU worker.
 """
 
 from __future__ import annotations
@@ -10,32 +12,49 @@ from __future__ import annotations
 import os
 import sys
 
-from fleet.contract import queue_name
 from fleet.errors import PlacementError
 from fleet.gpu_inventory import FAKE_GPUS_ENV, GpuSnapshot
-from fleet.routing import pin_need, queues_for_gpu
+from fleet.routing import queues_for_gpu, queues_for_worker
 from fleet.settings import FleetSettings
+
+
+def worker_name(gpus: tuple[int, ...], slot: int = 0) -> str:
+    """``cpu0``, ``gpu3``, ``gpu3s1`` (second slot on GPU 3), ``gpus0-1`` (a group)."""
+    if not gpus:
+        return f"cpu{slot}"
+    return ("gpus" if len(gpus) > 1 else "gpu") + "-".join(map(str, gpus)) + (f"s{slot}" if slot else "")
+
+
+def gpus_arg(gpus: tuple[int, ...]) -> str:
+    """The GPUs as the worker's command line and CUDA_VISIBLE_DEVICES write them: ``0,1`` (``""``: none)."""
+    return ",".join(map(str, gpus))
+
+
+def parse_gpus(text: str, flag: str = "--gpus") -> tuple[int, ...]:
+    """``"0,1"`` -> ``(0, 1)``; PlacementError for anything but distinct non-negative indices."""
+    try:
+        ids = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise PlacementError(f"{flag} {text!r}: give GPU indices separated by commas, e.g. 0,1") from None
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+        raise PlacementError(f"{flag} {text!r}: give distinct GPU indices, e.g. 0,1")
+    return ids
 
 
 def worker_command(
     settings: FleetSettings,
+    gpus: tuple[int, ...],
     *,
-    gpu: int | None = None,
-    gpus: str | None = None,
-    cpu: bool = False,
     slot: int = 0,
     queues: list[str] | None = None,
     device: str = "auto",
     snapshot: GpuSnapshot | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """argv and env of ``python -m workers.main`` for one worker.
+    """argv and env of ``python -m workers.main`` for one worker holding ``gpus`` (``()``: CPU).
 
     ``snapshot`` (of the worker's GPU) lets the default queues include the memory classes
     that fit the card.
     """
-    chosen = [x for x in (gpu is not None, gpus is not None, cpu) if x]
-    if len(chosen) != 1:
-        raise PlacementError("fleet worker: give exactly one of --gpu N, --gpus N,M or --cpu")
     env = dict(os.environ)
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     env["OMP_NUM_THREADS"] = str(settings.torch_threads)
@@ -44,46 +63,18 @@ def worker_command(
     env.setdefault("TQDM_DISABLE", "1")  # diffsynth's progress bars would flood the worker log
     if settings.broker_url is None:
         env["FLEET_BROKER_URL"] = settings.effective_broker_url
-    if cpu:
-        label, name, dev = "cpu", f"cpu{slot}", "cpu"
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    else:
-        ids = [gpu] if gpu is not None else _parse_gpus(gpus or "")
-        label = ",".join(str(i) for i in ids)
-        name = ("gpus" if len(ids) > 1 else "gpu") + "-".join(str(i) for i in ids) + (f"s{slot}" if slot else "")
-        env["CUDA_VISIBLE_DEVICES"] = label
-        dev = device if device != "auto" else ("cpu" if os.environ.get(FAKE_GPUS_ENV) else "cuda")
-    if device != "auto":
-        dev = device
-    qs = queues or default_queues(settings, None if cpu else [int(x) for x in label.split(",")], snapshot)
-    argv = [sys.executable, "-m", "workers.main", "--name", name, "--gpu-label", label, "--device", dev, "--queues", ",".join(qs)]
+    env["CUDA_VISIBLE_DEVICES"] = gpus_arg(gpus)
+    if device == "auto":
+        device = "cpu" if not gpus or os.environ.get(FAKE_GPUS_ENV) else "cuda"
+    qs = queues or default_queues(settings, gpus, snapshot)
+    argv = [sys.executable, "-m", "workers.main", "--name", worker_name(gpus, slot), "--gpus", gpus_arg(gpus),
+            "--device", device, "--queues", ",".join(qs)]
     return argv, env
 
 
-def default_queues(settings: FleetSettings, gpus: list[int] | None, snapshot: GpuSnapshot | None) -> list[str]:
-    """What a worker consumes unless told: see fleet.placement.queues_for_gpu.
-
-    A CPU worker takes the shared queue and every memory class (it has no GPU memory to
-    run out of); a multi-GPU worker takes the queue of tasks needing that many GPUs.
-    """
+def default_queues(settings: FleetSettings, gpus: tuple[int, ...], snapshot: GpuSnapshot | None) -> list[str]:
+    """What a worker consumes unless told: see fleet.routing.queues_for_worker."""
     ns, classes = settings.namespace, settings.memory_classes_mib
-    if gpus is None:
-        return [queue_name(ns, f"mem{c}") for c in sorted(classes, reverse=True)] + [queue_name(ns, "gpu")]
-    if len(gpus) > 1:
-        return [queue_name(ns, f"gpus{len(gpus)}")]
-    if snapshot is not None and snapshot.index == gpus[0]:
+    if len(gpus) == 1 and snapshot is not None and snapshot.index == gpus[0]:
         return queues_for_gpu(gpus[0], snapshot, settings.placement, ns, classes)
-    pins = sorted({pin_need(g) for g in settings.placement.assignment.values() if gpus[0] in g})
-    if pins:
-        return [queue_name(ns, p) for p in pins]
-    return [queue_name(ns, f"mem{c}") for c in sorted(classes, reverse=True)] + [queue_name(ns, "gpu")]
-
-
-def _parse_gpus(text: str) -> list[int]:
-    try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise PlacementError(f"--gpus {text!r}: give GPU indices separated by commas, e.g. 0,1") from None
-    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
-        raise PlacementError(f"--gpus {text!r}: give distinct GPU indices, e.g. 0,1")
-    return ids
+    return queues_for_worker(ns, gpus, settings.placement, classes)

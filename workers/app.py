@@ -1,6 +1,6 @@
 """The Celery app of the fleet, configured in one place.
 
-Every setting that matters for long GPU tasks is set here explicitly (DESIGN §4):
+Every setting that matters for long GPU tasks is set here explicitly (docs/ARCHITECTURE.md, "Celery settings"):
 Celery's defaults (prefetch 4, early acks, no events, pickle-capable) are wrong for them.
 This module imports no torch: Flower runs on this app too, so its broker connection
 uses the same visibility timeout (the shortest across connected apps wins).

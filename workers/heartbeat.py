@@ -14,8 +14,9 @@ import threading
 import time
 
 from fleet import records
-from fleet.contract import TASK_VIDEO, Keys, WorkerEntry, queue_name
+from fleet.contract import Keys, WorkerEntry
 from fleet.publisher import encode_message
+from fleet.routing import all_queues_prefix
 from workers.runner import SampleRunner
 
 log = logging.getLogger("fleet.worker")
@@ -48,10 +49,12 @@ class Heartbeat(threading.Thread):
             name=self.runner.worker,
             hostname=self.runner.hostname,
             pid=os.getpid(),
-            gpu=self.runner.gpu,
+            gpus=self.runner.gpus,
             queues=self.queues,
             sample_id=cur.sample_id if cur else None,
-            category=cur.category if cur else None,
+            group=cur.group if cur else None,
+            label=cur.label if cur else None,
+            progress=cur.progress if cur else None,
             seen_at=time.time(),
         )
         r.hset(keys.workers, self.runner.worker, entry.model_dump_json())
@@ -63,14 +66,13 @@ class Heartbeat(threading.Thread):
         if not r.set(keys.reaper_lock, self.runner.worker, nx=True, px=int(s.heartbeat_s * 1000)):
             return
         self._forget_dead_workers()
-        for sid in records.recover_lost(r, keys, queue_name(s.namespace, ""), max(10.0, 2 * s.heartbeat_s),
-                                        lambda q, payload: encode_message(TASK_VIDEO, payload, q, "recovered")):
+        for sid in records.recover_lost(r, keys, all_queues_prefix(s.namespace), max(10.0, 2 * s.heartbeat_s)):
             log.warning("sample %s: its message was lost (Redis restart?); published it again", sid)
         for sid, entry in self._confirmed_orphans():
             task = entry.task
-            queued = records.queued_value(str(task.get("experiment", "?")), str(task.get("category", "?")))
-            label = f"{task.get('category')}/{task.get('video')} seed {task.get('seed')} (orphaned by {entry.worker})"
-            msg = encode_message(TASK_VIDEO, json.dumps(task, ensure_ascii=False), entry.queue, label)
+            queued = records.queued_value(str(task.get("experiment", "?")), str(task.get("group", "?")))
+            label = f"{task.get('label', '')} (orphaned by {entry.worker})"
+            msg = encode_message(json.dumps(task, ensure_ascii=False), entry.queue, label)
             if records.take_orphan(r, keys, sid, queued, entry.queue, msg):
                 log.warning("sample %s: worker %s died mid-sample; published it again", sid, entry.worker)
 
@@ -88,7 +90,12 @@ class Heartbeat(threading.Thread):
         gone = [sid for sid in first if sid not in {sid for sid, _ in found}]
         if gone:
             r.hdel(keys.orphan_suspects, *gone)
-        workers = {k.decode(): WorkerEntry.model_validate_json(v) for k, v in r.hgetall(keys.workers).items()}
+        workers = {}
+        for k, v in r.hgetall(keys.workers).items():
+            try:
+                workers[k.decode()] = WorkerEntry.model_validate_json(v)
+            except ValueError:
+                continue  # an entry of an older fleet version
         confirmed = []
         for sid, entry in found:
             if sid not in first:
@@ -107,8 +114,7 @@ class Heartbeat(threading.Thread):
         """Drop the entries of workers that stopped beating (SIGKILL leaves them behind)."""
         r, s, keys = self.runner.client, self.runner.settings, self.runner.keys
         cutoff = time.time() - max(60.0, 10 * s.heartbeat_s)
-        dead = [name for name, raw in r.hgetall(keys.workers).items()
-                if WorkerEntry.model_validate_json(raw).seen_at < cutoff]
+        dead = [name for name, raw in r.hgetall(keys.workers).items() if _seen_at(raw) < cutoff]
         if dead:
             r.hdel(keys.workers, *dead)
 
@@ -119,3 +125,11 @@ class Heartbeat(threading.Thread):
         except Exception:
             pass
 
+
+
+def _seen_at(raw: bytes) -> float:
+    """When a worker entry's worker last beat (0 for an entry that does not parse)."""
+    try:
+        return float(json.loads(raw).get("seen_at", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 0.0

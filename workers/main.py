@@ -26,7 +26,7 @@ log = logging.getLogger("fleet.worker")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="workers.main")
     p.add_argument("--name", required=True, help="worker name, e.g. gpu0 (the host is appended)")
-    p.add_argument("--gpu-label", required=True, help="what the records call this worker's GPU(s): '0', '0,1' or 'cpu'")
+    p.add_argument("--gpus", required=True, help="this worker's GPUs (NVML indices): '0', '0,1', or '' for a CPU worker")
     p.add_argument("--device", required=True, choices=["cuda", "cpu"])
     p.add_argument("--queues", required=True, help="comma-separated queue names")
     args = p.parse_args(argv)
@@ -47,12 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from workers.tasks import bind_runner
 
     node = f"{args.name}@{socket.gethostname()}"
-    from fleet.routing import queue_after_oom
-
-    def oom_route(task, queue: str) -> str | None:
-        return queue_after_oom(queue, task.memory_mib, settings.namespace, settings.memory_classes_mib)
-
-    runner = SampleRunner(settings, client, node, args.gpu_label, args.device, oom_route=oom_route)
+    gpus = tuple(int(x) for x in args.gpus.split(",") if x)
+    runner = SampleRunner(settings, client, node, gpus, args.device)
     _pin_threads(settings.torch_threads)
     bind_runner(runner)
     queues = [q for q in args.queues.split(",") if q]
@@ -60,8 +56,13 @@ def main(argv: list[str] | None = None) -> int:
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
-        log.info("worker %s ready on %s (%s), queues %s", node, args.gpu_label, args.device, ",".join(queues))
+        log.info("worker %s ready on %s (%s), queues %s", node, f"GPUs {args.gpus}" if gpus else "CPU", args.device,
+                 ",".join(queues))
         beat.start()
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _stopping(**_: object) -> None:
+        runner.stopping.set()  # a long job checkpoints and gives its sample back (JobContext.stopping)
 
     @signals.worker_shutdown.connect(weak=False)
     def _shutdown(**_: object) -> None:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _pin_threads(n: int) -> None:
     # Without this, torch on a small CPU host spreads each call over every core and
-    # several workers slow each other down 10-50x (DESIGN §4).
+    # several workers slow each other down 10-50x (docs/ARCHITECTURE.md, "Workers").
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
     os.environ.setdefault("MKL_NUM_THREADS", str(n))
 

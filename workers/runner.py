@@ -1,8 +1,9 @@
-"""Running one delivered sample: claim it, run the job, record the outcome.
+"""Running one delivered sample of any kind: claim it, run its job, record the outcome.
 
 Plain code (no celery): the Celery task hands over the payload and the queue it came
-from. Duplicate deliveries are harmless: a sample that is done is skipped, and one whose
-lease another live worker holds is skipped, so no sample runs twice at once.
+from. The kind picks the job through the worker's JobRegistry; this module knows no
+kind. Duplicate deliveries are harmless: a sample that is done is skipped, and one
+whose lease another live worker holds is skipped, so no sample runs twice at once.
 """
 
 from __future__ import annotations
@@ -16,18 +17,25 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis
 from pydantic import ValidationError
 
 from fleet import records
-from fleet.contract import TASK_VIDEO, CompletionRecord, FailureRecord, Keys, RunningEntry, VideoTask
-from fleet.errors import FleetError, GpuOutOfMemory, PermanentError
+from fleet.contract import CompletionRecord, FailureRecord, Keys, MetricValue, RunningEntry, TaskPayload
+from fleet.error_policy import Action, decide
+from fleet.errors import PermanentError, Preempted
 from fleet.publisher import encode_message, kept_payload
 from fleet.settings import FleetSettings
+from workers.jobs import JobRegistry
+from workers.jobs.base import JobContext
+from workers.model_cache import ModelCache
 
 log = logging.getLogger("fleet.worker")
+
+WORK_DIR_NAME = ".fleet-work"  # <output root>/.fleet-work/<sample id>: a sample's stable work folder
 
 
 @dataclass
@@ -36,7 +44,10 @@ class Current:
 
     sample_id: str
     token: str
-    category: str
+    group: str
+    label: str
+    progress: float | None = None
+    metrics: dict[str, MetricValue] = field(default_factory=dict)
 
 
 class SampleRunner:
@@ -47,44 +58,34 @@ class SampleRunner:
         settings: FleetSettings,
         client: redis.Redis,
         worker: str,
-        gpu: str,
+        gpus: tuple[int, ...],
         device: str,
-        oom_route: Callable[[VideoTask, str], str | None] | None = None,
+        jobs: JobRegistry | None = None,
     ) -> None:
-        """``oom_route(task, queue)`` names the queue of the next larger memory class, if any."""
-        self.oom_route = oom_route
-        self.consecutive_errors = 0  # unexpected errors in a row; a broken worker stops (see _on_error)
         self.settings = settings
         self.client = client
         self.keys = Keys(settings.namespace)
         self.worker = worker
-        self.gpu = gpu
+        self.gpus = gpus
         self.device = device
+        self.jobs = jobs or JobRegistry(settings.kinds)
+        self.models = ModelCache()
         self.hostname = socket.gethostname()
         self.current: Current | None = None
         self.lock = threading.Lock()
-        self._cache = None  # the model cache is created on first use: it imports torch
-
-    def _job(self):
-        from workers.video_job import run_video_sample  # torch and diffsynth load here, once
-        from workers.wan_model import ModelCache
-
-        if self._cache is None:
-            import torch
-
-            torch.set_num_threads(self.settings.torch_threads)
-            self._cache = ModelCache()
-        return run_video_sample, self._cache
+        self.stopping = threading.Event()  # set when the worker is asked to stop (JobContext.stopping)
+        self.consecutive_errors = 0  # unexpected errors in a row; a broken worker stops (see _on_error)
+        self._torch_ready = False
 
     def run(self, payload: object, queue: str) -> str:
         """Run one delivered payload; returns the outcome (done, failed, retried, skipped-*)."""
         try:
-            task = VideoTask.model_validate(payload)
+            task = TaskPayload.model_validate(payload)
         except ValidationError as e:
-            sid = payload.get("sample_id", "?") if isinstance(payload, dict) else "?"
+            sid = str(payload.get("sample_id", "?")) if isinstance(payload, dict) else "?"
             err = e.errors()[0]
             msg = f"invalid payload: {'.'.join(map(str, err['loc']))}: {err['msg']}"
-            self._fail(sid, payload, PermanentError(msg), attempt=1, final=True)
+            self._fail_raw(sid, payload, PermanentError(msg))
             return "failed"
         sid = task.sample_id
         if records.is_done(self.client, self.keys, sid, task.output_path):
@@ -92,44 +93,73 @@ class SampleRunner:
             records.release(self.client, self.keys, sid)
             return "skipped-done"
         token = uuid.uuid4().hex
-        entry = RunningEntry(task=task.model_dump(by_alias=True), queue=queue, worker=self.worker, token=token, started_at=time.time())
+        entry = RunningEntry(task=task.model_dump(by_alias=True), queue=queue, worker=self.worker, token=token,
+                             started_at=time.time())
         deliveries = records.claim(self.client, self.keys, entry, sid, self.settings.lease_ttl_s)
         if deliveries is None:
             log.info("sample %s is running on another worker; skipping duplicate delivery", sid)
             return "skipped-running"
         with self.lock:
-            self.current = Current(sid, token, task.category)
+            self.current = Current(sid, token, task.group, task.label)
         try:
             if deliveries > self.settings.max_deliveries:
                 msg = f"started {deliveries - 1} times and its worker died each time; not starting it again"
-                self._fail(sid, entry.task, PermanentError(msg), task.attempt, final=True, category=task.category)
+                self._fail(task, PermanentError(msg), final=True)
                 return "failed"
             return self._execute(task, queue, deliveries)
         finally:
             with self.lock:
                 self.current = None
 
-    def _execute(self, task: VideoTask, queue: str, deliveries: int) -> str:
+    def _context(self, task: TaskPayload) -> JobContext:
+        def on_report(progress: float | None, metrics: dict[str, MetricValue]) -> None:
+            with self.lock:
+                if self.current is not None and self.current.sample_id == task.sample_id:
+                    if progress is not None:
+                        self.current.progress = max(0.0, min(1.0, float(progress)))
+                    self.current.metrics.update(metrics)
+
+        return JobContext(
+            gpus=self.gpus, device=self.device, models=self.models,
+            work_dir=Path(task.output_root) / WORK_DIR_NAME / task.sample_id,
+            stopping=self.stopping, attempt=task.attempt, on_report=on_report,
+        )
+
+    def _prepare_torch(self) -> None:
+        """Pin torch's threads once, before the first job imports it (small CPU hosts)."""
+        if not self._torch_ready:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
+            self._torch_ready = True
+
+    def _execute(self, task: TaskPayload, queue: str, deliveries: int) -> str:
         t0 = time.monotonic()
-        log.info("start %s: %s/%s seed %d prompt %d (attempt %d)", task.sample_id, task.category, task.video, task.seed, task.prompt_index, task.attempt)
+        log.info("start %s: %s %s (attempt %d)", task.sample_id, task.kind, task.label, task.attempt)
         try:
-            run_video_sample, cache = self._job()  # a broken torch install fails here, classified below
-            result = run_video_sample(task, cache, self.device)
+            job = self.jobs.job(task.kind)
+            self._prepare_torch()  # a broken torch install fails here, classified below
+            outcome = job(task, self._context(task))
         except Exception as e:  # classified below; the worker itself must survive any sample
             return self._on_error(task, queue, e)
+        with self.lock:
+            reported = dict(self.current.metrics) if self.current is not None else {}
         record = CompletionRecord(
             sample_id=task.sample_id,
             experiment=task.experiment,
-            category=task.category,
-            output_path=result.output_path,
+            kind=task.kind,
+            group=task.group,
+            label=task.label,
+            output_path=outcome.output_path,
             duration_s=round(time.monotonic() - t0, 4),
             worker=self.worker,
             hostname=self.hostname,
-            gpu=self.gpu,
+            gpus=list(self.gpus),
             attempt=task.attempt,
             deliveries=deliveries,
-            model_loaded=result.model_loaded,
-            model_load_s=round(result.model_load_s, 4),
+            model_loaded=outcome.model_loaded,
+            model_load_s=round(outcome.model_load_s, 4),
+            metrics={**reported, **outcome.metrics},
             finished_at=time.time(),
         )
         self.consecutive_errors = 0
@@ -165,69 +195,63 @@ class SampleRunner:
 
     redis_retry_s = 300.0  # how long a finished sample's record waits for Redis to come back
 
-    def _on_error(self, task: VideoTask, queue: str, e: Exception) -> str:
-        # An error fleet did not classify (a CUDA fault, a full disk, a library bug) may be
-        # this worker's, not the sample's: the sample gets another attempt, elsewhere if
-        # this worker stops. Several in a row mean the worker is broken: it stops taking
-        # work rather than failing every sample of the queue.
-        unexpected = not isinstance(e, FleetError)
-        retryable = unexpected or e.retryable
-        if unexpected:
+    def _on_error(self, task: TaskPayload, queue: str, e: Exception) -> str:
+        verdict = decide(e, task, queue, self.settings)
+        if verdict.worker_suspect:
+            # Several unexpected errors in a row mean the worker, not the samples, is broken:
+            # it stops taking work rather than failing every sample of the queue.
             self.consecutive_errors += 1
             if self.consecutive_errors >= self.settings.max_consecutive_errors:
                 self.on_broken(f"{self.consecutive_errors} samples in a row failed with unexpected errors, "
                                f"the last {type(e).__name__}: {e}")
-        target: str | None = queue
-        if isinstance(e, GpuOutOfMemory):
-            # A sample that ran out of memory goes to the next larger memory class; with none
-            # it fails now: the same GPU would run out again.
-            target = self.oom_route(task, queue) if self.oom_route is not None else None
-            if target is None:
-                e = GpuOutOfMemory(f"{e}; no larger memory class to move it to")
-        if retryable and target is not None and task.attempt < self.settings.max_attempts:
-            nxt = task.model_copy(update={"attempt": task.attempt + 1})
-            failure = self._failure(task.sample_id, task.model_dump(by_alias=True), e, task.attempt, task.category, True)
-            msg = encode_message(
-                TASK_VIDEO, nxt.to_json(), target,
-                f"{task.category}/{task.video} seed {task.seed} prompt {task.prompt_index} (attempt {nxt.attempt})",
-            )
-            queued = records.queued_value(task.experiment, task.category)
+        if verdict.action is not Action.FAIL and verdict.queue is not None:
+            target = verdict.queue
+            nxt = task.model_copy(update={"attempt": verdict.next_attempt})
+            preempted = isinstance(e, Preempted)
+            failure = None if preempted else self._failure(task, verdict.error, retrying=True)
+            msg = encode_message(nxt.to_json(), target, f"{task.label} (attempt {nxt.attempt})")
+            queued = records.queued_value(task.experiment, task.group)
             self._persist(
                 lambda: records.requeue(self.client, self.keys, task.sample_id, target, msg, queued, failure,
-                                        kept_payload(target, nxt.to_json())),
+                                        kept_payload(target, nxt.to_json()), keep_deliveries=preempted),
                 f"the retry of {task.sample_id}",
             )
-            log.warning("retry %s (attempt %d -> %d) on %s: %s", task.sample_id, task.attempt, nxt.attempt, target, e)
-            return "retried"
-        self._fail(task.sample_id, task.model_dump(by_alias=True), e, task.attempt, final=True, category=task.category)
-        log.error("failed %s (%s): %s", task.sample_id, type(e).__name__, e)
+            log.warning("%s %s (attempt %d -> %d) on %s: %s", "requeue" if preempted else "retry",
+                        task.sample_id, task.attempt, nxt.attempt, target, e)
+            return "requeued" if preempted else "retried"
+        self._fail(task, verdict.error, final=True)
+        log.error("failed %s (%s): %s", task.sample_id, type(verdict.error).__name__, verdict.error)
         return "failed"
 
-    def _failure(
-        self, sid: str, payload: object, e: BaseException, attempt: int, category: str, retrying: bool = False
-    ) -> FailureRecord:
+    def _failure(self, task: TaskPayload, e: BaseException, retrying: bool = False) -> FailureRecord:
         """``retrying``: another attempt has been published (the record's ``retryable``)."""
+        with self.lock:
+            reported = dict(self.current.metrics) if self.current is not None else {}
+        return self._failure_record(task.sample_id, task.experiment, task.kind, task.group, task.label, e,
+                                    task.attempt, retrying, reported)
+
+    def _failure_record(self, sid: str, experiment: str, kind: str, group: str, label: str, e: BaseException,
+                        attempt: int, retrying: bool, metrics: dict[str, MetricValue] | None = None) -> FailureRecord:
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-        experiment = payload.get("experiment", "?") if isinstance(payload, dict) else "?"
         return FailureRecord(
-            sample_id=sid,
-            experiment=str(experiment),
-            category=category,
-            error_type=type(e).__name__,
-            message=str(e)[:2000],
+            sample_id=sid, experiment=experiment, kind=kind, group=group, label=label,
+            error_type=type(e).__name__, message=str(e)[:2000],
             traceback_tail="\n".join(tb.strip().splitlines()[-12:]),
-            retryable=retrying,
-            attempt=attempt,
-            worker=self.worker,
-            hostname=self.hostname,
-            gpu=self.gpu,
-            failed_at=time.time(),
+            retryable=retrying, attempt=attempt, worker=self.worker, hostname=self.hostname,
+            gpus=list(self.gpus), metrics=metrics or {}, failed_at=time.time(),
         )
 
-    def _fail(self, sid: str, payload: object, e: BaseException, attempt: int, final: bool, category: str | None = None) -> None:
-        cat = category or (str(payload.get("category", "?")) if isinstance(payload, dict) else "?")
-        failure = self._failure(sid, payload, e, attempt, cat)
+    def _fail(self, task: TaskPayload, e: BaseException, final: bool) -> None:
+        failure = self._failure(task, e)
+        sid = task.sample_id
         self._persist(lambda: records.fail(self.client, self.keys, failure, final=final), f"the failure of {sid}")
+        records.release(self.client, self.keys, sid)
+
+    def _fail_raw(self, sid: str, payload: object, e: BaseException) -> None:
+        """The failure of a payload that is not a valid task: recorded under what it says of itself."""
+        d = payload if isinstance(payload, dict) else {}
+        failure = self._failure_record(sid, str(d.get("experiment", "?")), str(d.get("kind", "?")),
+                                       str(d.get("group", "?")), str(d.get("label", "")), e, 1, False)
+        self._persist(lambda: records.fail(self.client, self.keys, failure, final=True), f"the failure of {sid}")
         if isinstance(payload, dict):
             records.release(self.client, self.keys, sid)
-

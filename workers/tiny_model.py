@@ -2,7 +2,9 @@
 
 ``build_tiny_model(dir)`` writes a folder that loads through diffsynth's normal path
 (``WanVideoPipeline.from_pretrained`` with local ``ModelConfig(path=...)``) once
-``register_tiny_models()`` has told diffsynth about the tiny architectures:
+``register_tiny_models()`` has told diffsynth about the tiny architectures; its model.json
+says ``architectures: [fleet-tiny]``, which makes the worker's loader do that for this
+model only (workers/wan_model.py):
 
     dir/dit.safetensors            WanModel, dim 64, 2 layers
     dir/text_encoder.safetensors   WanTextEncoder (T5 encoder), dim 32, vocab 384
@@ -28,18 +30,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import os
 import secrets
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
 
-from fleet.contract import ModelSpec
 from fleet.errors import InputError
+from fleet.kinds.video.spec import ModelSpec
 
 SEED = 1234  # fixed: identical files on every build, so tests and demos are reproducible
 
@@ -63,6 +65,7 @@ MODEL_JSON = {
     "vae": "vae.safetensors",
     "tokenizer": "tokenizer",
     "dtype": "float32",
+    "architectures": ["fleet-tiny"],
 }
 
 # Preset "bench": Wan2.1-T2V-1.3B's DiT width (dim 1536, 12 heads: head_dim 128, 128 // 3 = 42
@@ -300,6 +303,7 @@ def spec_from_dir(dir: Path) -> ModelSpec:
         vae=str(dir / desc["vae"]),
         tokenizer=str(dir / desc["tokenizer"]),
         dtype=desc["dtype"],
+        architectures=desc.get("architectures", []),
     )
 
 

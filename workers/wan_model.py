@@ -1,8 +1,5 @@
-"""The resident Wan model of a worker: loaded on first use, kept across samples.
-
-A worker serves one model at a time (DESIGN §2): ``ModelCache.get`` returns the loaded
-pipeline for the same spec and device without touching the disk, and replaces it
-(freeing the old one first) when a sample needs another model.
+"""Loading a Wan pipeline (diffsynth) from local files, for the video job; the worker's
+ModelCache (workers/model_cache.py) keeps it resident between samples.
 
 Loading is fully offline: every ``ModelConfig`` gets a local ``path=`` and the tokenizer
 is given explicitly, because diffsynth's default tokenizer config downloads from the hub
@@ -12,18 +9,17 @@ is given explicitly, because diffsynth's default tokenizer config downloads from
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import logging
-import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fleet.contract import ModelSpec
 from fleet.errors import GpuOutOfMemory, ModelLoadError
+from fleet.kinds.video.spec import ModelSpec
+from workers.model_cache import release_cuda_memory
 
 log = logging.getLogger("fleet.model")
 
@@ -37,11 +33,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def release_cuda_memory(device: str) -> None:
-    """Return cached CUDA blocks to the driver, so other processes on the GPU see them free."""
-    gc.collect()  # pipelines hold reference cycles; collect them before emptying the cache
-    if device.startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def _register_fleet_tiny() -> None:
+    from workers.tiny_model import register_tiny_models
+
+    register_tiny_models()
+
+
+# Architectures diffsynth does not know by itself, by the name a model.json gives in
+# ``architectures``: registered only for the models that say so, never for real Wan files.
+EXTRA_ARCHITECTURES: dict[str, Callable[[], None]] = {"fleet-tiny": _register_fleet_tiny}
 
 
 def _check_files(spec: ModelSpec) -> None:
@@ -63,9 +63,8 @@ def load_pipeline(spec: ModelSpec, device: str) -> Any:
     # Heavy imports here: importing diffsynth takes ~5 s and this module is imported early.
     from diffsynth.pipelines.wan_video import ModelConfig, WanVideoPipeline
 
-    from workers.tiny_model import register_tiny_models
-
-    register_tiny_models()  # no effect on real Wan files: their hashes match diffsynth's own entries
+    for arch in spec.architectures:
+        EXTRA_ARCHITECTURES[arch]()
     # Several DiT shards form one ModelConfig: diffsynth hashes and loads them as one state dict.
     dit_path: str | list[str] = spec.dit[0] if len(spec.dit) == 1 else list(spec.dit)
     model_configs = [ModelConfig(path=dit_path), ModelConfig(path=spec.text_encoder), ModelConfig(path=spec.vae)]
@@ -102,57 +101,3 @@ def load_pipeline(spec: ModelSpec, device: str) -> Any:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-class ModelCache:
-    """Holds at most one loaded pipeline: the model of the last sample, on its device.
-
-    Thread-safe, so a threads-pool worker's heartbeat thread may look at it; samples
-    themselves run one at a time per worker.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._key: tuple[str, str] | None = None
-        self._pipe: Any = None
-
-    @staticmethod
-    def _key_of(spec: ModelSpec, device: str) -> tuple[str, str]:
-        # ModelSpec holds a list, so it isn't hashable; its canonical JSON identifies it.
-        return spec.model_dump_json(), device
-
-    @property
-    def resident(self) -> bool:
-        """Whether a pipeline is loaded."""
-        return self._pipe is not None
-
-    def get(self, spec: ModelSpec, device: str) -> tuple[Any, bool, float]:
-        """The pipeline for ``spec`` on ``device``: ``(pipeline, loaded, load_s)``.
-
-        ``loaded`` says whether this call loaded it; ``load_s`` is the load's wall time in
-        seconds (0.0 when it was resident). A different spec or device frees the current
-        pipeline before loading, so two models never share the GPU.
-        """
-        key = self._key_of(spec, device)
-        with self._lock:
-            if self._key == key and self._pipe is not None:
-                return self._pipe, False, 0.0
-            self._drop()
-            start = time.perf_counter()
-            pipe = load_pipeline(spec, device)
-            load_s = time.perf_counter() - start
-            self._key, self._pipe = key, pipe
-            log.info("loaded model %s (%s) on %s in %.2f s", spec.name, spec.dtype, device, load_s)
-            return pipe, True, load_s
-
-    def clear(self) -> None:
-        """Free the resident pipeline (e.g. before a worker exits or changes GPU)."""
-        with self._lock:
-            self._drop()
-
-    def _drop(self) -> None:
-        if self._pipe is None:
-            return
-        device = self._key[1] if self._key else "cpu"
-        self._key, self._pipe = None, None  # drop our reference; gc frees the tensors
-        release_cuda_memory(device)

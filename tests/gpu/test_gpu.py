@@ -35,14 +35,14 @@ def test_worker_on_gpu0_generates_on_cuda(gpu_fleet: GpuFleet, tiny_experiment) 
     gpu_fleet.start_worker("--gpu", "0")
     assert json.loads(gpu_fleet.fleet("enqueue", str(exp), "--json").stdout)["enqueued"] == 1
     (rec,) = gpu_fleet.wait_done(1, timeout_s=240)
-    assert rec.gpu == "0"
+    assert rec.gpus == [0]
     assert rec.worker == f"gpu0@{socket.gethostname()}"
     assert rec.model_loaded
     frames = read_frames(Path(rec.output_path))
     assert frames.shape == (9, 128, 128, 3)
     log = gpu_fleet.log_tails()
     device = "cpu" if os.environ.get("FLEET_FAKE_GPUS") else "cuda"  # a fake inventory: debugging without a GPU
-    assert f"ready on 0 ({device})" in log, log  # the worker computes on CUDA, not on a CPU fallback
+    assert f"ready on GPUs 0 ({device})" in log, log  # the worker computes on CUDA, not on a CPU fallback
     # The worker shows on its GPU in `fleet gpus`.
     view = json.loads(gpu_fleet.fleet("gpus", "--json").stdout)
     on0 = next(g for g in view["gpus"] if g["index"] == 0)
@@ -56,7 +56,7 @@ def test_two_packed_slots_on_one_gpu_both_generate(gpu_fleet: GpuFleet, tiny_exp
     assert json.loads(gpu_fleet.fleet("enqueue", str(exp), "--json").stdout)["enqueued"] == 8
     recs = gpu_fleet.wait_done(8, timeout_s=300)
     host = socket.gethostname()
-    assert {r.gpu for r in recs} == {"0"}
-    assert {r.worker for r in recs} == {f"gpu0@{host}", f"gpu0s1@{host}"}, [(r.worker, r.gpu) for r in recs]
+    assert {tuple(r.gpus) for r in recs} == {(0,)}
+    assert {r.worker for r in recs} == {f"gpu0@{host}", f"gpu0s1@{host}"}, [(r.worker, r.gpus) for r in recs]
     for r in recs:
         assert read_frames(Path(r.output_path)).shape == (9, 128, 128, 3)

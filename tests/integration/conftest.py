@@ -262,7 +262,18 @@ class LocalFleet:
 
     @property
     def broker_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        """The embedded Redis, with the password `fleet up` keeps in <state>/redis.password."""
+        password = (self.state / "redis.password").read_text().strip()
+        return f"redis://:{password}@127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def shown_broker_url(self) -> str:
+        """The embedded Redis as `fleet up` prints it: its password masked."""
+        return f"redis://:***@127.0.0.1:{self.redis_port}/0"
+
+    def flower_login(self) -> tuple[str, str]:
+        """Flower's (user, password) as `fleet up` generated them (<state>/flower.password)."""
+        return "fleet", (self.state / "flower.password").read_text().strip()
 
     @property
     def flower_url(self) -> str:

@@ -102,13 +102,13 @@ def test_multi_gpu_work_goes_first_on_a_group_worker(local_fleet: LocalFleet, vi
     assert f.enqueue(multi)["enqueued"] == 2
     assert f.client.llen("fleet.q.gpus2") == 2
     # The single-GPU workers make way (after their sample); a worker holding both GPUs takes the work.
-    wait_for(lambda: sum(r.gpu == "0,1" for r in records(f)) == 2, 120, "both 2-GPU samples done")
+    wait_for(lambda: sum(r.gpus == [0, 1] for r in records(f)) == 2, 120, "both 2-GPU samples done")
     assert {r.worker for r in records(f)} == {f"gpus0-1@{HOST}"}
     log = (f.logs / "supervisor.log").read_text()
     assert "2-GPU work queued: group of GPUs [0, 1]" in log
     # With no multi-GPU work left, the group is released and single-GPU work runs again.
     assert f.enqueue(single)["enqueued"] == 2
-    wait_for(lambda: sum(r.gpu in ("0", "1") for r in records(f)) == 2, 120, "single-GPU samples done")
+    wait_for(lambda: sum(r.gpus in ([0], [1]) for r in records(f)) == 2, 120, "single-GPU samples done")
     wait_for(lambda: "gpus0-1" not in f.worker_pids(), 30, "the group worker stopped")
 
 

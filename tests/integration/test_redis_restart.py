@@ -44,16 +44,22 @@ def test_redis_killed_mid_run(fleet_ns: Fleet, own_redis, video_experiment) -> N
         assert read_frames(Path(rec.output_path)).shape == (5, 96, 96, 3)
     # No sample ran on two workers at once: per sample, its runs (start .. done) never overlap.
     runs: dict[str, list[tuple[str, str]]] = {}
+    matched = {"start": 0, "done": 0}
     for log in fleet_ns.tmp.glob("worker*.log"):
         starts: dict[str, str] = {}
         for line in log.read_text(errors="replace").splitlines():
             m = re.match(r"(\S+ \S+) INFO fleet.worker \[\d+\] (start|done) (\w{32})", line)
             if m:
                 t, what, sid = m.groups()
+                matched[what] += 1
                 if what == "start":
                     starts[sid] = t
                 elif sid in starts:
                     runs.setdefault(sid, []).append((starts.pop(sid), t))
+    # A changed log format must not turn the overlap check below into a silent pass.
+    assert matched["start"] and matched["done"], (
+        f"no worker log line matched the start/done pattern {matched}; has the runner's log format changed?\n"
+        + "\n".join(f"{log.name}: {log.read_text(errors='replace')[-1500:]}" for log in fleet_ns.tmp.glob("worker*.log")))
     for sid, spans in runs.items():
         spans.sort()
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), (sid, spans)

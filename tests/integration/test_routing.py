@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.contract import FailureRecord, VideoTask, queue_name
+from fleet.contract import FailureRecord, TaskPayload, queue_name
 from fleet.errors import GpuOutOfMemory, InputError
-from fleet.routing import queue_after_oom
 from fleet.publisher import encode_message
 from fleet.records import RunningEntry
 from fleet.settings import load_settings
@@ -38,8 +37,8 @@ def test_pinned_categories_and_memory_classes_route_to_their_queues(fleet_ns: Fl
     r = fleet_ns.fleet("enqueue", str(exp), "--json", FLEET_PLACEMENT=placement,
                        FLEET_MEMORY_CLASSES_MIB="[24000, 48000, 80000]", check=True)
     assert json.loads(r.stdout)["enqueued"] == 4
-    assert {p["category"] for p in queue_ids(fleet_ns, "pin.0-1")} == {"镜头 运动"}
-    assert {p["category"] for p in queue_ids(fleet_ns, "mem48000")} == {"other"}
+    assert {p["group"] for p in queue_ids(fleet_ns, "pin.0-1")} == {"镜头 运动"}
+    assert {p["group"] for p in queue_ids(fleet_ns, "mem48000")} == {"other"}
     assert fleet_ns.client.llen(queue_name(fleet_ns.namespace, "gpu")) == 0
 
 
@@ -55,33 +54,35 @@ def test_a_need_no_class_can_hold_is_refused_before_publishing(fleet_ns: Fleet, 
 
 @pytest.fixture
 def runner_for(fleet_ns: Fleet, monkeypatch: pytest.MonkeyPatch):
-    """A SampleRunner on the test's namespace whose job is ``job(task)``."""
+    """A SampleRunner on the test's namespace whose job (for every kind) is ``job(task)``."""
+    from workers.jobs import JobRegistry
     from workers.runner import SampleRunner
+
+    class OneJob(JobRegistry):
+        def __init__(self, job) -> None:
+            super().__init__()
+            self.the_job = job
+
+        def job(self, kind: str):
+            return lambda task, ctx: self.the_job(task)
 
     def make(job, classes: list[int] | None = None, **settings: object) -> SampleRunner:
         s = load_settings(broker_url=fleet_ns.url, namespace=fleet_ns.namespace,
                           memory_classes_mib=classes or [], **settings)
-
-        def oom_route(task: VideoTask, queue: str) -> str | None:
-            return queue_after_oom(queue, task.memory_mib, s.namespace, s.memory_classes_mib)
-
-        r = SampleRunner(s, fleet_ns.client, f"gpu0@{socket.gethostname()}", "0", "cuda", oom_route=oom_route)
-
-        def run(task: VideoTask, cache: object, device: str):
-            return job(task)
-
-        monkeypatch.setattr(r, "_job", lambda: (run, None))
+        r = SampleRunner(s, fleet_ns.client, f"gpu0@{socket.gethostname()}", (0,), "cuda", jobs=OneJob(job))
+        monkeypatch.setattr(r, "_prepare_torch", lambda: None)
         return r
 
     return make
 
 
 def a_task(tmp_path: Path, **over: object) -> dict:
-    base = {"schema": "fleet.video/1", "sample_id": "s" * 32, "experiment": "e", "category": "c", "video": "v",
-            "video_path": str(tmp_path / "v.mp4"), "prompt": "p", "prompt_index": 0, "seed": 42, "mode": "t2v",
-            "denoising_strength": 0.7, "width": 64, "height": 64, "frames": 5, "fps": 8, "steps": 1,
-            "cfg_scale": 1.0, "model": {"dit": ["d"], "text_encoder": "t", "vae": "v", "tokenizer": "k"},
-            "output_path": str(tmp_path / "out.mp4"), "memory_mib": 30000}
+    body = {"category": "c", "video": "v", "video_path": str(tmp_path / "v.mp4"), "prompt": "p", "prompt_index": 0,
+            "seed": 42, "mode": "t2v", "denoising_strength": 0.7, "width": 64, "height": 64, "frames": 5, "fps": 8,
+            "steps": 1, "cfg_scale": 1.0, "model": {"dit": ["d"], "text_encoder": "t", "vae": "v", "tokenizer": "k"}}
+    base = {"schema": "fleet.task/1", "kind": "video", "sample_id": "s" * 32, "experiment": "e", "group": "c",
+            "label": "c/v seed 42 prompt 0", "output_path": str(tmp_path / "out.mp4"), "output_root": str(tmp_path),
+            "memory_mib": 30000, "body": body}
     base.update(over)
     return base
 
@@ -91,7 +92,7 @@ def failure(f: Fleet, sid: str) -> FailureRecord:
 
 
 def test_oom_moves_the_sample_to_the_next_memory_class(fleet_ns: Fleet, runner_for, tmp_path: Path) -> None:
-    def oom(task: VideoTask):
+    def oom(task: TaskPayload):
         raise GpuOutOfMemory(f"sample needs {task.memory_mib} MiB (declared); ran out on cuda, which had 20000 MiB free")
 
     r = runner_for(oom, classes=[32000, 48000, 80000])
@@ -112,8 +113,8 @@ def test_oom_moves_the_sample_to_the_next_memory_class(fleet_ns: Fleet, runner_f
 
 
 def test_bad_input_fails_at_once_without_retry(fleet_ns: Fleet, runner_for, tmp_path: Path) -> None:
-    def bad(task: VideoTask):
-        raise InputError(f"{task.video_path}: cannot decode video: moov atom not found")
+    def bad(task: TaskPayload):
+        raise InputError(f"{task.params['video_path']}: cannot decode video: moov atom not found")
 
     r = runner_for(bad)
     assert r.run(a_task(tmp_path), queue_name(fleet_ns.namespace, "gpu")) == "failed"
@@ -122,7 +123,7 @@ def test_bad_input_fails_at_once_without_retry(fleet_ns: Fleet, runner_for, tmp_
     assert "moov atom not found" in f.traceback_tail
     assert fleet_ns.client.llen(queue_name(fleet_ns.namespace, "gpu")) == 0
     st = json.loads(fleet_ns.fleet("status", "--json", "--failed", check=True).stdout)
-    assert st["failed"] == 1 and st["by_category"]["c"]["failed"] == 1
+    assert st["failed"] == 1 and st["by_group"]["c"]["failed"] == 1
     assert [(x["error_type"], x["sample_id"]) for x in st["failures"]] == [("InputError", "s" * 32)]
     text = fleet_ns.fleet("status", "--failed", check=True).stdout
     assert "InputError" in text and "moov atom not found" in text
@@ -131,8 +132,8 @@ def test_bad_input_fails_at_once_without_retry(fleet_ns: Fleet, runner_for, tmp_
 def test_invalid_payload_is_recorded_not_run(fleet_ns: Fleet, runner_for, tmp_path: Path) -> None:
     ran = []
     r = runner_for(lambda t: ran.append(t))
-    assert r.run(a_task(tmp_path, width="wide"), "q") == "failed"
-    assert ran == [] and "invalid payload: width" in failure(fleet_ns, "s" * 32).message
+    assert r.run(a_task(tmp_path, memory_mib="lots"), "q") == "failed"
+    assert ran == [] and "invalid payload: memory_mib" in failure(fleet_ns, "s" * 32).message
 
 
 def test_a_sample_that_keeps_killing_its_worker_fails(fleet_ns: Fleet, runner_for, tmp_path: Path) -> None:
@@ -158,14 +159,14 @@ def test_orphan_is_published_again_exactly_once(fleet_ns: Fleet, tmp_path: Path)
                          token="t", started_at=0.0)
     fleet_ns.client.hset(fleet_ns.keys.running, "s" * 32, entry.model_dump_json())
     (found,) = records.orphans(fleet_ns.client, fleet_ns.keys, ttl_s=1.0)
-    msg = encode_message("fleet.video.generate", json.dumps(entry.task), entry.queue, "x")
+    msg = encode_message(json.dumps(entry.task), entry.queue, "x")
     takes = [records.take_orphan(fleet_ns.client, fleet_ns.keys, "s" * 32, "[]", entry.queue, msg) for _ in range(3)]
     assert takes == [True, False, False]
     assert fleet_ns.client.llen(entry.queue) == 1 and not fleet_ns.client.hexists(fleet_ns.keys.running, "s" * 32)
 
 
 def test_a_worker_whose_samples_keep_failing_unexpectedly_stops(fleet_ns: Fleet, runner_for, tmp_path: Path) -> None:
-    def broken(task: VideoTask):
+    def broken(task: TaskPayload):
         raise RuntimeError("CUDA error: unspecified launch failure")
 
     r = runner_for(broken, max_consecutive_errors=3)
@@ -192,11 +193,11 @@ def test_the_reaper_tells_a_dead_worker_from_one_that_lost_its_lease_to_an_outag
     for sid, worker in (("a" * 32, "alive@h"), ("d" * 32, "dead@h")):
         entry = RunningEntry(task=a_task(tmp_path, sample_id=sid), queue="q", worker=worker, token="t", started_at=0.0)
         c.hset(k.running, sid, entry.model_dump_json())  # no lease: Redis was down longer than the lease
-    dead = WorkerEntry(name="dead@h", hostname="h", pid=1, gpu="0", queues=["q"], sample_id="d" * 32, seen_at=1.0)
+    dead = WorkerEntry(name="dead@h", hostname="h", pid=1, gpus=(0,), queues=["q"], sample_id="d" * 32, seen_at=1.0)
     c.hset(k.workers, "dead@h", dead.model_dump_json())
     t0 = time.time()
     assert beat._confirmed_orphans(now=t0) == []  # first sight: suspects only
-    alive = WorkerEntry(name="alive@h", hostname="h", pid=2, gpu="1", queues=["q"], sample_id="a" * 32,
+    alive = WorkerEntry(name="alive@h", hostname="h", pid=2, gpus=(1,), queues=["q"], sample_id="a" * 32,
                         seen_at=t0 + 0.1)  # it beat after the outage
     c.hset(k.workers, "alive@h", alive.model_dump_json())
     assert beat._confirmed_orphans(now=t0 + 0.2) == []  # within two beats: nobody is published yet

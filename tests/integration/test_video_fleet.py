@@ -44,11 +44,11 @@ def test_end_to_end_incremental(fleet_ns: Fleet, video_experiment) -> None:
     loaded = [r for r in recs.values() if r.model_loaded]
     assert len(loaded) == 1 and loaded[0].model_load_s > 0  # one model load per worker
     assert all(r.model_load_s == 0 for r in recs.values() if not r.model_loaded)
-    assert {r.gpu for r in recs.values()} == {"cpu"} and all(r.attempt == 1 and r.duration_s > 0 for r in recs.values())
+    assert all(r.gpus == [] for r in recs.values()) and all(r.attempt == 1 and r.duration_s > 0 for r in recs.values())
 
     status = json.loads(fleet_ns.fleet("status", str(exp), "--json", check=True).stdout)
     assert (status["total"], status["done"], status["queued"], status["running"], status["failed"]) == (6, 6, 0, 0, 0)
-    assert status["by_category"]["cat a"]["done"] == 4
+    assert status["by_group"]["cat a"]["done"] == 4
 
     # Re-run: nothing to do.
     assert fleet_ns.enqueue(exp) == {"planned": 6, "done": 6, "in_flight": 0, "enqueued": 0}

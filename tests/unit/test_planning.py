@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fleet.contract import TaskPayload
 from fleet.errors import InputError
 from fleet.experiment import load_experiment
+from fleet.kinds.video.prompts import load_prompts
+from fleet.kinds.video.spec import VideoParams
 from fleet.planner import payloads, plan_experiment
-from fleet.contract import VideoTask
-from fleet.prompts import load_prompts
 
 
 @pytest.fixture
@@ -70,15 +71,19 @@ def test_changed_parameters_change_ids(exp_dir: Path) -> None:
 def test_payloads_validate_as_tasks(exp_dir: Path) -> None:
     plan = plan_experiment(load_experiment(exp_dir / "exp.yaml"))
     out = list(payloads(plan, plan.samples, lambda s: "q"))
-    tasks = [VideoTask.model_validate_json(p) for _, _, p in out]
+    tasks = [TaskPayload.model_validate_json(p) for _, _, p in out]
     assert [t.sample_id for t in tasks] == [s.sample_id for s in plan.samples]
+    assert [t.label for t in tasks] == [s.label for s in plan.samples]
     t = tasks[0]
-    assert t.memory_mib == 30000 and t.model.dtype == "bfloat16" and Path(t.video_path).is_absolute()
+    params = VideoParams.model_validate(t.params)
+    assert t.kind == "video" and t.group == plan.samples[0].group and t.output_root == str(exp_dir / "out")
+    assert t.memory_mib == 30000 and params.model.dtype == "bfloat16" and Path(params.video_path).is_absolute()
+    assert (params.category, params.seed) == (t.group, plan.samples[0].body["seed"])
 
 
 def test_category_filter(exp_dir: Path) -> None:
     plan = plan_experiment(load_experiment(exp_dir / "exp.yaml"), ["single"])
-    assert {s.category for s in plan.samples} == {"single"} and len(plan.samples) == 4
+    assert {s.group for s in plan.samples} == {"single"} and len(plan.samples) == 4
     with pytest.raises(InputError, match="no category folder 'nope'"):
         plan_experiment(load_experiment(exp_dir / "exp.yaml"), ["nope"])
 
@@ -114,7 +119,7 @@ def test_per_category_prompts(exp_dir: Path) -> None:
     (exp_dir / "prompts.json").write_text(json.dumps(
         {"camera motion": {"*": ["cm"]}, "single": {"x y": ["s0", "s1", "s2"]}}, ensure_ascii=False))
     plan = plan_experiment(load_experiment(exp_dir / "exp.yaml"))
-    assert sorted({(s.category, s.prompt) for s in plan.samples}) == [
+    assert sorted({(s.group, s.body["prompt"]) for s in plan.samples}) == [
         ("camera motion", "cm"), ("single", "s0"), ("single", "s1"), ("single", "s2")]
 
 
@@ -124,7 +129,7 @@ def test_per_category_prompts(exp_dir: Path) -> None:
         ({"frames": 10}, "frames: must be 4k+1"),
         ({"seeds": []}, "seeds: List should have at least 1 item"),
         ({"seeds": [1, 1]}, "seeds: seeds repeat"),
-        ({"kind": "image"}, "kind: must be 'video'"),
+        ({"kind": "image"}, "kind: must be one of video"),
         ({"model": {"dit": "x"}}, "model: give either dir"),
         ({"mode": "v2v"}, "mode:"),
     ],

@@ -1,7 +1,9 @@
-"""workers.video_job with the tiny Wan model on CPU: loading, t2v, motion transfer, atomic writes."""
+"""The video kind's job (workers/jobs/video.py) with the tiny Wan model on CPU: loading, t2v,
+motion transfer, atomic writes."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +13,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffsynth")
 
-from fleet.contract import ModelSpec, VideoTask  # noqa: E402
+from fleet.contract import TaskPayload  # noqa: E402
 from fleet.errors import GpuOutOfMemory, InputError, ModelLoadError  # noqa: E402
+from fleet.kinds.video.spec import ModelSpec  # noqa: E402
 from tests.media import read_frames  # noqa: E402
-from workers import video_job  # noqa: E402
+from workers.jobs import video as video_job  # noqa: E402
+from workers.jobs.base import JobContext, JobOutcome  # noqa: E402
+from workers.model_cache import ModelCache  # noqa: E402
 from workers.reference_video import load_frames  # noqa: E402
 from workers.tiny_model import spec_from_dir  # noqa: E402
-from workers.video_job import VideoResult, run_video_sample  # noqa: E402
-from workers.wan_model import ModelCache  # noqa: E402
+from workers.wan_model import load_pipeline  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -34,15 +38,27 @@ def cache() -> ModelCache:
     return ModelCache()
 
 
-def make_task(spec: ModelSpec, out: Path, **fields: Any) -> VideoTask:
-    values: dict[str, Any] = dict(
-        sample_id="s" + out.stem, experiment="exp", category="cat", video="ref", video_path="",
+def make_task(spec: ModelSpec, out: Path, memory_mib: int = 0, **fields: Any) -> TaskPayload:
+    params: dict[str, Any] = dict(
+        category="cat", video="ref", video_path="",
         prompt="a red balloon 红色气球", prompt_index=0, negative_prompt="blurry", seed=42, mode="t2v",
         denoising_strength=1.0, width=96, height=64, frames=9, fps=15, steps=2, cfg_scale=5.0,
-        model=spec, output_path=str(out),
+        model=spec.model_dump(),
     )
-    values.update(fields)
-    return VideoTask(**values)
+    params.update(fields)
+    return TaskPayload(kind="video", sample_id="s" + out.stem, experiment="exp", group="cat", label="cat/ref",
+                       output_path=str(out), output_root=str(out.parent), memory_mib=memory_mib, body=params)
+
+
+def load(cache: Any, spec: ModelSpec, device: str) -> tuple[Any, bool, float]:
+    """The video job's own use of the cache."""
+    return cache.get("video", spec.model_dump_json(), device, lambda: load_pipeline(spec, device))
+
+
+def run_video_sample(task: TaskPayload, cache: Any, device: str) -> JobOutcome:
+    ctx = JobContext(gpus=(), device=device, models=cache, work_dir=Path(task.output_root) / ".w",
+                     stopping=threading.Event())
+    return video_job.run(task, ctx)
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -53,13 +69,13 @@ def leftovers(folder: Path) -> list[str]:
 def test_cache_loads_once_offline(spec: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # diffsynth's default paths are relative: ./models must not appear
     cache = ModelCache()
-    pipe, loaded, load_s = cache.get(spec, "cpu")
+    pipe, loaded, load_s = load(cache, spec, "cpu")
     assert loaded and load_s > 0 and cache.resident
     assert pipe.dit is not None and pipe.text_encoder is not None and pipe.vae is not None and pipe.dit2 is None
-    again, loaded2, load_s2 = cache.get(spec, "cpu")
+    again, loaded2, load_s2 = load(cache, spec, "cpu")
     assert again is pipe and not loaded2 and load_s2 == 0.0
     # Another model (here: the same files under another name) replaces the resident one.
-    other, loaded3, _ = cache.get(spec.model_copy(update={"name": "wan-tiny-b"}), "cpu")
+    other, loaded3, _ = load(cache, spec.model_copy(update={"name": "wan-tiny-b"}), "cpu")
     assert loaded3 and other is not pipe
     assert not (tmp_path / "models").exists()
 
@@ -67,7 +83,7 @@ def test_cache_loads_once_offline(spec: ModelSpec, tmp_path: Path, monkeypatch: 
 def test_cache_missing_file_names_the_path(spec: ModelSpec, tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.safetensors")
     with pytest.raises(ModelLoadError, match="nope.safetensors"):
-        ModelCache().get(spec.model_copy(update={"vae": missing}), "cpu")
+        load(ModelCache(), spec.model_copy(update={"vae": missing}), "cpu")
 
 
 def test_cache_unrecognised_weights(spec: ModelSpec, tmp_path: Path) -> None:
@@ -76,16 +92,17 @@ def test_cache_unrecognised_weights(spec: ModelSpec, tmp_path: Path) -> None:
     odd = tmp_path / "odd.safetensors"
     save_file({"not.a.wan.layer": torch.zeros(3, 5)}, str(odd))
     with pytest.raises(ModelLoadError, match="unrecognised"):
-        ModelCache().get(spec.model_copy(update={"dit": [str(odd)]}), "cpu")
+        load(ModelCache(), spec.model_copy(update={"dit": [str(odd)]}), "cpu")
 
 
 # ---- samples ------------------------------------------------------------------------------
 def test_t2v_sample_writes_requested_video(spec: ModelSpec, cache: ModelCache, tmp_path: Path) -> None:
     out = tmp_path / "cat" / "ref_x_96x64" / "seed_42_prompt_0.mp4"  # parent folders don't exist yet
     result = run_video_sample(make_task(spec, out), cache, "cpu")
-    assert isinstance(result, VideoResult)
-    assert (result.output_path, result.frames, result.width, result.height) == (str(out), 9, 96, 64)
-    assert result.duration_s >= result.model_load_s >= 0.0
+    assert isinstance(result, JobOutcome)
+    m = result.metrics
+    assert (result.output_path, m["frames"], m["width"], m["height"]) == (str(out), 9, 96, 64)
+    assert result.model_load_s >= 0.0 and m["generate_s"] > 0 and m["write_s"] > 0
     assert read_frames(out).shape == (9, 64, 96, 3)
     assert leftovers(out.parent) == []
 
@@ -98,7 +115,7 @@ def test_motion_sample_loops_a_short_reference(spec: ModelSpec, cache: ModelCach
     out = tmp_path / "motion.mp4"
     task = make_task(spec, out, mode="motion", video_path=str(ref), denoising_strength=0.7)
     result = run_video_sample(task, cache, "cpu")
-    assert result.frames == 9 and read_frames(out).shape == (9, 64, 96, 3)
+    assert result.metrics["frames"] == 9 and read_frames(out).shape == (9, 64, 96, 3)
 
 
 def test_motion_sample_with_bad_reference_is_input_error(spec: ModelSpec, cache: ModelCache, tmp_path: Path) -> None:
@@ -132,7 +149,7 @@ def test_invalid_shape_is_refused_before_loading(spec: ModelSpec, tmp_path: Path
 def test_failing_pipeline_leaves_no_file(
     spec: ModelSpec, cache: ModelCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def boom(task: VideoTask, pipe: Any) -> list:
+    def boom(params: Any, pipe: Any) -> list:
         raise RuntimeError("simulated failure")
 
     monkeypatch.setattr(video_job, "_generate", boom)
@@ -159,12 +176,12 @@ def test_failing_write_leaves_no_file(
 def test_out_of_memory_becomes_retryable(
     spec: ModelSpec, cache: ModelCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def oom(task: VideoTask, pipe: Any) -> list:
+    def oom(params: Any, pipe: Any) -> list:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     class ResidentOnGpu:  # pretends the model is resident on a GPU this machine doesn't have
-        def get(self, spec: ModelSpec, device: str) -> tuple[Any, bool, float]:
-            return cache.get(spec, "cpu")[0], False, 0.0
+        def get(self, kind: str, identity: str, device: str, loader: Any) -> tuple[Any, bool, float]:
+            return cache.get(kind, identity, "cpu", lambda: load_pipeline(spec, "cpu"))[0], False, 0.0
 
     monkeypatch.setattr(video_job, "_generate", oom)
     out = tmp_path / "out.mp4"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fleet.errors import InputError
-from fleet.experiment import VIDEO_SUFFIXES
+from fleet.kinds.video.experiment import VIDEO_SUFFIXES
 
 
 @dataclass(frozen=True)

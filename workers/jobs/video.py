@@ -1,8 +1,9 @@
-"""One video sample: Wan text-to-video or motion transfer, written atomically as an mp4.
+"""The video kind's job: Wan text-to-video or motion transfer, written atomically as an mp4.
 
-Job code only: no Celery here. The task wrapper validates the payload, calls
-``run_video_sample`` and records the outcome; errors come out as fleet.errors types
-(InputError, ModelLoadError, GpuOutOfMemory) or as whatever else went wrong.
+Job code only: no Celery here. ``run(task, context)`` reads the task's VideoParams, takes
+the resident pipeline from the context's model cache, generates, and writes the file;
+errors come out as fleet.errors types (InputError, ModelLoadError, GpuOutOfMemory) or as
+whatever else went wrong.
 """
 
 from __future__ import annotations
@@ -11,15 +12,19 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass
 from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
-from fleet.contract import VideoTask
+from pydantic import ValidationError
+
+from fleet.contract import TaskPayload
 from fleet.errors import GpuOutOfMemory, InputError
+from fleet.kinds.video.spec import VideoParams
+from workers.jobs.base import JobContext, JobOutcome
+from workers.model_cache import release_cuda_memory
 from workers.reference_video import load_frames
-from workers.wan_model import ModelCache, is_out_of_memory, release_cuda_memory
+from workers.wan_model import is_out_of_memory, load_pipeline
 
 log = logging.getLogger("fleet.job")
 
@@ -34,26 +39,14 @@ SIZE_FACTOR = 16  # Wan2.1's VAE (8x) times the DiT's 2x2 patch: width and heigh
 FRAME_FACTOR = 4  # the VAE compresses time 4x after the first frame: frames = 4k + 1
 
 
-@dataclass(frozen=True)
-class VideoResult:
-    """What a finished sample reports back for its completion record."""
-
-    output_path: str  # the final mp4, in place
-    model_loaded: bool  # whether this sample paid for loading the model
-    model_load_s: float  # seconds spent loading the model (0.0 when it was resident)
-    duration_s: float  # wall seconds of the whole sample, model load included
-    frames: int  # frames written
-    width: int  # pixels
-    height: int  # pixels
-
-
-def _check_shape(task: VideoTask, size_factor: int = SIZE_FACTOR, frame_factor: int = FRAME_FACTOR) -> None:
+def _check_shape(task: TaskPayload, p: VideoParams, size_factor: int = SIZE_FACTOR,
+                 frame_factor: int = FRAME_FACTOR) -> None:
     """Refuse sizes diffsynth would silently round up: the output would not be what was asked."""
     faults = []
-    if task.width % size_factor or task.height % size_factor:
-        faults.append(f"size {task.width}x{task.height} is not a multiple of {size_factor}")
-    if task.frames % frame_factor != 1:
-        faults.append(f"frames {task.frames} is not {frame_factor}k+1")
+    if p.width % size_factor or p.height % size_factor:
+        faults.append(f"size {p.width}x{p.height} is not a multiple of {size_factor}")
+    if p.frames % frame_factor != 1:
+        faults.append(f"frames {p.frames} is not {frame_factor}k+1")
     if faults:
         raise InputError(f"sample {task.sample_id} ({task.output_path}): {'; '.join(faults)}")
 
@@ -63,23 +56,23 @@ def _no_progress(iterable: Any) -> Any:
     return iterable
 
 
-def _generate(task: VideoTask, pipe: Any) -> list[Any]:
-    """Run the pipeline for ``task``; returns the frames as PIL images."""
+def _generate(p: VideoParams, pipe: Any) -> list[Any]:
+    """Run the pipeline for the sample's parameters; returns the frames as PIL images."""
     kwargs: dict[str, Any] = {}
-    if task.mode == "motion":
+    if p.mode == "motion":
         # diffsynth needs exactly num_frames frames at the output size; load_frames cuts or loops.
-        kwargs["input_video"] = load_frames(Path(task.video_path), task.width, task.height, task.frames)
-        kwargs["denoising_strength"] = task.denoising_strength
+        kwargs["input_video"] = load_frames(Path(p.video_path), p.width, p.height, p.frames)
+        kwargs["denoising_strength"] = p.denoising_strength
     return pipe(
-        prompt=task.prompt,
-        negative_prompt=task.negative_prompt,
-        seed=task.seed,
-        num_inference_steps=task.steps,
-        cfg_scale=task.cfg_scale,
-        height=task.height,
-        width=task.width,
-        num_frames=task.frames,
-        tiled=task.tiled,
+        prompt=p.prompt,
+        negative_prompt=p.negative_prompt,
+        seed=p.seed,
+        num_inference_steps=p.steps,
+        cfg_scale=p.cfg_scale,
+        height=p.height,
+        width=p.width,
+        num_frames=p.frames,
+        tiled=p.tiled,
         progress_bar_cmd=_no_progress,
         **kwargs,
     )
@@ -149,46 +142,57 @@ def _memory_had(device: str) -> str:
         return "unknown free memory"
 
 
-def run_video_sample(task: VideoTask, cache: ModelCache, device: str) -> VideoResult:
+def params_of(task: TaskPayload) -> VideoParams:
+    """The task's VideoParams; InputError naming the field when the payload lacks or garbles one."""
+    try:
+        return VideoParams.model_validate(task.params)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InputError(f"sample {task.sample_id}: invalid video parameters: "
+                         f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:
     """Generate one sample and write it to ``task.output_path``.
 
-    ``device`` is a torch device string ("cuda", "cuda:0", "cpu"). The model comes from
-    ``cache`` (loaded on first use, kept afterwards).
-
-    Raises InputError for an invalid size or reference video, ModelLoadError for bad
-    model files, GpuOutOfMemory when CUDA runs out of memory; other errors propagate.
+    The pipeline comes from ``ctx.models`` (loaded on first use, kept afterwards) on
+    ``ctx.device``. Raises InputError for invalid parameters or reference video,
+    ModelLoadError for bad model files, GpuOutOfMemory when CUDA runs out of memory;
+    other errors propagate.
     """
     start = time.perf_counter()
-    _check_shape(task)  # before loading: a bad task must not cost a model load
+    p = params_of(task)
+    _check_shape(task, p)  # before loading: a bad task must not cost a model load
     final = Path(task.output_path)
-    pipe, loaded, load_s = cache.get(task.model, device)
+    device = ctx.device
+    pipe, loaded, load_s = ctx.models.get("video", p.model.model_dump_json(), device, lambda: load_pipeline(p.model, device))
     if loaded:
-        log.info("sample %s: loaded model %s on %s in %.2f s", task.sample_id, task.model.name, device, load_s)
-    else:
-        log.info("sample %s: model %s resident on %s", task.sample_id, task.model.name, device)
+        log.info("sample %s: loaded model %s on %s in %.2f s", task.sample_id, p.model.name, device, load_s)
     # The loaded VAE decides the real factors (Wan2.2's VAE needs multiples of 32).
-    _check_shape(task, max(SIZE_FACTOR, pipe.height_division_factor, pipe.width_division_factor))
+    _check_shape(task, p, max(SIZE_FACTOR, pipe.height_division_factor, pipe.width_division_factor))
 
+    t_gen = time.perf_counter()
     try:
-        frames = _generate(task, pipe)
+        frames = _generate(p, pipe)
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
         release_cuda_memory(device)  # leave the GPU usable for the next, perhaps smaller, sample
         need = f"needs {task.memory_mib} MiB (declared)" if task.memory_mib else "declares no memory need"
         raise GpuOutOfMemory(
-            f"sample {task.sample_id} ({task.width}x{task.height}x{task.frames}) {need}; ran out of GPU memory on "
+            f"sample {task.sample_id} ({p.width}x{p.height}x{p.frames}) {need}; ran out of GPU memory on "
             f"{device}, which had {_memory_had(device)}"
         ) from exc
-
-    write_video_atomically(frames, final, task.fps)
-    duration_s = time.perf_counter() - start
+    t_write = time.perf_counter()
+    write_video_atomically(frames, final, p.fps)
+    end = time.perf_counter()
     width, height = frames[0].size
     log.info(
         "sample %s: wrote %s (%d frames %dx%d) in %.2f s, model load %.2f s",
-        task.sample_id, final, len(frames), width, height, duration_s, load_s,
+        task.sample_id, final, len(frames), width, height, end - start, load_s,
     )
-    return VideoResult(
-        output_path=str(final), model_loaded=loaded, model_load_s=load_s, duration_s=duration_s,
-        frames=len(frames), width=width, height=height,
+    return JobOutcome(
+        output_path=str(final), model_loaded=loaded, model_load_s=load_s,
+        metrics={"frames": len(frames), "width": width, "height": height,
+                 "generate_s": round(t_write - t_gen, 4), "write_s": round(end - t_write, 4)},
     )

@@ -1,0 +1,101 @@
+"""What every kind's producer side provides, and the generic plan the core works on.
+
+A kind turns its experiment section into samples. The core never looks inside a
+sample's ``body``: it hashes nothing, routes by ``gpus`` and ``memory_mib``, counts by
+``group``, shows ``label`` and checks ``output_path`` for completion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import redis
+
+from fleet.contract import Keys
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One planned sample. ``body`` is the kind's per-sample parameters (JSON-able)."""
+
+    sample_id: str  # deterministic over everything that decides the output
+    group: str  # what status counts it under (category, CSV, grid)
+    label: str  # short human description
+    output_path: str  # absolute; done = record + this file
+    body: dict[str, Any]
+    memory_mib: int = 0  # declared GPU memory need
+    gpus: int = 1  # GPUs one sample holds; 0 = CPU only
+
+
+class Experiment(Protocol):
+    """What the core reads of a loaded experiment of any kind."""
+
+    @property
+    def path(self) -> Path: ...  # the experiment file, absolute
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def output(self) -> Path: ...  # output root, absolute
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every sample of an experiment, in a stable order, and what they all share."""
+
+    experiment: Experiment
+    samples: list[Sample]
+    shared: dict[str, Any] = field(default_factory=dict)  # the kind's parameters common to every sample
+    extra: Any = None  # the kind's own planning by-products (e.g. video content ids, for its input checks)
+
+
+class KindCache:
+    """A Redis hash a kind keeps across plans (e.g. file identity -> content id)."""
+
+    def __init__(self, client: redis.Redis | None, keys: Keys | None, kind: str, name: str) -> None:
+        self.client = client
+        self.key = keys.kind_cache(kind, name) if keys is not None else ""
+
+    def get_many(self, fields: list[str]) -> list[str | None]:
+        if self.client is None or not fields:
+            return [None] * len(fields)
+        return [None if v is None else v.decode() for v in self.client.hmget(self.key, fields)]
+
+    def put_many(self, found: dict[str, str]) -> None:
+        if self.client is not None and found:
+            self.client.hset(self.key, mapping=found)
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What planning may use beyond the experiment: caches in Redis (None: plan without)."""
+
+    client: redis.Redis | None = None
+    keys: Keys | None = None
+
+    def cache(self, kind: str, name: str) -> KindCache:
+        return KindCache(self.client, self.keys, kind, name)
+
+
+class Kind(Protocol):
+    """A kind's producer side (module attribute ``KIND`` of its planner module)."""
+
+    name: str
+
+    def load(self, path: Path, data: dict[str, Any], default_output: Path | None) -> Experiment:
+        """Validate the experiment document (already read); InputError naming file and field."""
+        ...
+
+    def plan(self, exp: Any, groups: list[str] | None, ctx: PlanContext) -> Plan:
+        """Every sample (of ``groups`` when given), deterministic ids; InputError on bad input."""
+        ...
+
+    def check(self, plan: Plan, todo: list[Sample], ctx: PlanContext) -> None:
+        """Input checks that only the samples about to be published need (e.g. decode videos)."""
+        ...

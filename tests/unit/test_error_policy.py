@@ -1,0 +1,63 @@
+"""fleet.error_policy.decide: retry / move / fail / worker suspect, without Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet.contract import TaskPayload
+from fleet.error_policy import Action, decide
+from fleet.errors import BrokerUnavailable, GpuOutOfMemory, InputError, ModelLoadError, Preempted
+from fleet.settings import load_settings
+
+NS = "t"
+
+
+def task(attempt: int = 1, memory_mib: int = 30000) -> TaskPayload:
+    return TaskPayload(kind="any", sample_id="s", experiment="e", group="g", output_path="/o/x", output_root="/o",
+                       attempt=attempt, memory_mib=memory_mib)
+
+
+def settings(**kw: object):
+    return load_settings(namespace=NS, **kw)
+
+
+@pytest.mark.parametrize("error", [InputError("bad video"), ModelLoadError("no such file")])
+def test_permanent_errors_fail_at_once_and_do_not_blame_the_worker(error: Exception) -> None:
+    v = decide(error, task(), "t.q.gpu", settings())
+    assert (v.action, v.queue, v.worker_suspect, v.error) == (Action.FAIL, None, False, error)
+
+
+def test_unexpected_errors_get_another_attempt_and_count_against_the_worker() -> None:
+    v = decide(RuntimeError("CUDA error: unspecified launch failure"), task(), "t.q.gpu", settings())
+    assert (v.action, v.queue, v.worker_suspect, v.next_attempt) == (Action.RETRY, "t.q.gpu", True, 2)
+
+
+def test_attempts_stop_at_max_attempts() -> None:
+    s = settings(max_attempts=3)
+    assert decide(BrokerUnavailable("gone"), task(attempt=2), "t.q.gpu", s).action is Action.RETRY
+    last = decide(BrokerUnavailable("gone"), task(attempt=3), "t.q.gpu", s)
+    assert (last.action, last.worker_suspect) == (Action.FAIL, False)
+    assert decide(RuntimeError("x"), task(attempt=3), "t.q.gpu", s).action is Action.FAIL
+
+
+def test_oom_moves_up_one_memory_class_and_fails_at_the_top() -> None:
+    s = settings(memory_classes_mib=[24000, 48000, 80000])
+    v = decide(GpuOutOfMemory("ran out"), task(), "t.q.mem24000", s)
+    assert (v.action, v.queue, v.next_attempt, v.worker_suspect) == (Action.MOVE, "t.q.mem48000", 2, False)
+    # From the shared queue: the class the sample declares is the one it ran in; the next is above it.
+    assert decide(GpuOutOfMemory("x"), task(memory_mib=30000), "t.q.gpu", s).queue == "t.q.mem80000"
+    top = decide(GpuOutOfMemory("ran out"), task(), "t.q.mem80000", s)
+    assert top.action is Action.FAIL and "no larger memory class" in str(top.error)
+    none = decide(GpuOutOfMemory("ran out"), task(), "t.q.gpu", settings())
+    assert none.action is Action.FAIL and "no larger memory class" in str(none.error)
+
+
+def test_pinned_and_multi_gpu_samples_are_not_moved_on_oom() -> None:
+    s = settings(memory_classes_mib=[24000, 80000])
+    for q in ("t.q.pin.0-1", "t.q.gpus2"):
+        assert decide(GpuOutOfMemory("x"), task(), q, s).action is Action.FAIL
+
+
+def test_preemption_goes_back_as_the_same_attempt_even_at_the_last_one() -> None:
+    v = decide(Preempted("worker stopping"), task(attempt=3), "t.q.gpu", settings(max_attempts=3))
+    assert (v.action, v.queue, v.next_attempt, v.worker_suspect) == (Action.RETRY, "t.q.gpu", 3, False)

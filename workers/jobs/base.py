@@ -1,0 +1,57 @@
+"""What a job gets and gives back: the context of one sample on one worker, and its outcome.
+
+Job code never imports celery. A job module (one per kind, named in fleet.kinds) exposes
+``run(task: TaskPayload, context: JobContext) -> JobOutcome`` and raises fleet.errors
+types for the faults it recognises (InputError, ModelLoadError, GpuOutOfMemory ...);
+anything else is treated as possibly the worker's fault (fleet.error_policy).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fleet.contract import MetricValue
+from workers.model_cache import ModelCache
+
+
+@dataclass
+class JobOutcome:
+    """What a finished sample reports for its completion record."""
+
+    output_path: str  # the output, in place (written atomically)
+    metrics: dict[str, MetricValue] = field(default_factory=dict)  # units in the names: "frames", "denoise_s"
+    model_loaded: bool = False  # whether this sample paid for loading its model
+    model_load_s: float = 0.0  # seconds spent loading it (0.0 when resident)
+
+
+@dataclass
+class JobContext:
+    """Everything a job may use besides its task.
+
+    ``gpus``: the worker's GPUs (NVML indices; ``()`` on a CPU worker); ``device``: the
+    torch device string ("cuda" sees exactly those GPUs through CUDA_VISIBLE_DEVICES, or
+    "cpu"); ``models``: the worker's resident-model cache; ``work_dir``: a folder stable
+    across attempts and workers for this sample (checkpoints), created on first use;
+    ``stopping``: set when the worker is asked to stop (a long job checkpoints and
+    raises fleet.errors.Preempted); ``attempt``: this attempt's number (1 = first).
+    """
+
+    gpus: tuple[int, ...]
+    device: str
+    models: ModelCache
+    work_dir: Path
+    stopping: threading.Event
+    attempt: int = 1
+    on_report: Callable[[float | None, dict[str, MetricValue]], None] | None = None
+
+    def report(self, progress: float | None = None, **metrics: MetricValue) -> None:
+        """Progress (0..1, shown by `fleet gpus` and the heartbeat) and metrics (kept in the record)."""
+        if self.on_report is not None:
+            self.on_report(progress, metrics)
+
+    def ensure_work_dir(self) -> Path:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        return self.work_dir
