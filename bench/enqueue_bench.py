@@ -49,6 +49,7 @@ from fleet.experiment import load_experiment
 from fleet.kinds.base import PlanContext
 from fleet.placement import PlacementPolicy
 from fleet.planner import check_inputs, payloads, plan_experiment
+from fleet.priority import queue_length, queue_lists
 from fleet.publisher import Outgoing, publish
 from fleet.records import classify, drop_stale_queued, queued_value
 from fleet.routing import queue_for_sample
@@ -169,7 +170,7 @@ def wipe(client: redis.Redis, namespace: str) -> None:
 
 def reset_to_fresh(client: redis.Redis, keys: Keys, queue: str) -> None:
     """Back to 'never enqueued': no queued entries, no messages, no cached probes."""
-    client.delete(keys.queued, queue, keys.kind_cache("video", "probes"))
+    client.delete(keys.queued, *queue_lists(queue), keys.kind_cache("video", "probes"))
 
 
 def mark_all_done(client: redis.Redis, keys: Keys, queue: str, exp) -> int:
@@ -196,7 +197,7 @@ def mark_all_done(client: redis.Redis, keys: Keys, queue: str, exp) -> int:
             pipe.execute()
     pipe.execute()
     # claim() removed each id from the queued hash and the worker consumed each message.
-    client.delete(keys.queued, queue, keys.running, keys.deliveries)
+    client.delete(keys.queued, *queue_lists(queue), keys.running, keys.deliveries)
     return len(plan.samples)
 
 
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         # 1. first run: empty namespace (every repetition starts from it again).
         run("first", {"planned": expected, "done": 0, "in_flight": 0, "enqueued": expected},
             before_each=lambda: reset_to_fresh(client, keys, queue))
-        _check(client.llen(queue) == expected and client.hlen(keys.queued) == expected, "first: queue/queued size")
+        _check(queue_length(client, queue) == expected and client.hlen(keys.queued) == expected, "first: queue/queued size")
         _check(client.hlen(keys.kind_cache("video", "probes")) == n_videos, "first: every video probed once")
         reset_to_fresh(client, keys, queue)
         split = split_enqueue(client, namespace, exp_path)
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         # 2. re-run with every sample still queued (in flight).
         run("in_flight", {"planned": expected, "done": 0, "in_flight": expected, "enqueued": 0})
         split = split_enqueue(client, namespace, exp_path)
-        _check(split["published"] == 0 and client.llen(queue) == expected, "in_flight split")
+        _check(split["published"] == 0 and queue_length(client, queue) == expected, "in_flight split")
         res["in_flight"]["split"] = split
 
         # 3. re-run with every sample done (record + file), as workers leave them.
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         mark_s = time.perf_counter() - t
         run("all_done", {"planned": expected, "done": expected, "in_flight": 0, "enqueued": 0})
         split = split_enqueue(client, namespace, exp_path)
-        _check(split["published"] == 0 and client.llen(queue) == 0, "all_done split")
+        _check(split["published"] == 0 and queue_length(client, queue) == 0, "all_done split")
         res["all_done"]["split"] = split
         redis_version = client.info("server")["redis_version"]
     finally:

@@ -175,10 +175,13 @@ def write_experiment(path: Path, *, model_dir: Path, dataset: Path, prompts: lis
 @dataclass
 class BenchFleet:
     """A fleet started by the real ``python3 -m fleet.cli up`` in its own state folder, with
-    the embedded Redis and Flower on ports of its own (no FLEET_BROKER_URL)."""
+    the embedded Redis and Flower on ports of its own (no FLEET_BROKER_URL). Its workers may
+    write outputs under ``output_root`` (FLEET_OUTPUT_ROOTS; default: the folder above
+    ``root``, the benchmark's work folder, where its experiments write)."""
 
     root: Path
     fake_gpus: Path | None = None
+    output_root: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     seen_pids: set[int] = field(default_factory=set)
     is_up: bool = False
@@ -202,7 +205,8 @@ class BenchFleet:
 
     def env(self) -> dict[str, str]:
         env = base_env(FLEET_STATE_DIR=str(self.state), FLEET_EMBEDDED_REDIS_PORT=str(self.redis_port),
-                       FLEET_FLOWER_PORT=str(self.flower_port))
+                       FLEET_FLOWER_PORT=str(self.flower_port),
+                       FLEET_OUTPUT_ROOTS=json.dumps([str(self.output_root or self.root.parent)]))
         if self.fake_gpus is not None:
             env["FLEET_FAKE_GPUS"] = str(self.fake_gpus)
         env.update(self.extra_env)

@@ -6,8 +6,8 @@
 The same samples are made every way (planned from one experiment; only the output folder
 differs), each way starting from a cold process:
 
-1. ``bare``: one process loads the pipeline once through ``workers.wan_model.ModelCache``
-   and runs the samples with ``workers.video_job.run_video_sample`` (mp4s written exactly
+1. ``bare``: one process runs the samples with the video job, ``workers.jobs.video.run``,
+   whose ``workers.model_cache.ModelCache`` loads the pipeline once (mp4s written exactly
    as a worker writes them), with the worker's environment (CUDA_VISIBLE_DEVICES=0, one
    CPU thread for torch). Each sample's end is taken when its file is in place.
 2. ``fleet``: ``python3 -m fleet.cli up --gpus 0`` (embedded Redis, the supervisor starts
@@ -21,7 +21,7 @@ Throughput = (N - 1) / (last end - first end): the first sample, which pays for 
 the model, is left out the same way on both sides. With two slots both slots' first
 samples pay a load, so "steady" counts only what ends after every slot has finished its
 first sample (over that window); with one slot the two figures are equal.
-Targets (DESIGN §5): fleet / bare >= 0.97 with one slot; packed two / one >= 1.3 where
+Targets (docs/BENCHMARKS.md): fleet / bare >= 0.97 with one slot; packed two / one >= 1.3 where
 the bare loop leaves the GPU idle. NVML utilisation of GPU 0 is sampled at 10 Hz and
 averaged over each way's measured window (GPU runs only).
 
@@ -79,17 +79,27 @@ TARGET_PACKED = 1.3
 # ---- the bare loop (a child process) ---------------------------------------------------------
 def bare_phase(tasks_path: Path, device: str, result_path: Path) -> int:
     """Run the tasks in this process, one resident pipeline; write ends and durations as JSON."""
-    from fleet.contract import VideoTask
-    from workers.video_job import run_video_sample
-    from workers.wan_model import ModelCache
+    import threading
 
-    tasks = [VideoTask.model_validate(t) for t in json.loads(tasks_path.read_text())]
+    from fleet.contract import TaskPayload
+    from workers.jobs.base import JobContext
+    from workers.jobs.video import run as run_video
+    from workers.model_cache import ModelCache
+    from workers.runner import WORK_DIR_NAME
+
+    tasks = [TaskPayload.model_validate(t) for t in json.loads(tasks_path.read_text())]
     cache = ModelCache()
+    stopping = threading.Event()
+    gpus = (0,) if device == "cuda" else ()  # as a worker on GPU 0 (CUDA_VISIBLE_DEVICES=0)
     rows = []
     t_start = time.time()
     for task in tasks:
-        r = run_video_sample(task, cache, device)
-        rows.append({"end": time.time(), "duration_s": r.duration_s, "model_load_s": r.model_load_s,
+        # The context a worker gives the job (workers/runner.py), the same model cache every sample.
+        ctx = JobContext(gpus=gpus, device=device, models=cache, stopping=stopping, attempt=task.attempt,
+                         work_dir=Path(task.output_root) / WORK_DIR_NAME / task.sample_id)
+        t0 = time.monotonic()
+        r = run_video(task, ctx)
+        rows.append({"end": time.time(), "duration_s": time.monotonic() - t0, "model_load_s": r.model_load_s,
                      "model_loaded": r.model_loaded, "output": r.output_path})
     write_json(result_path, {"started": t_start, "samples": rows})
     return 0
@@ -120,6 +130,7 @@ def run_bare(args, work: Path, exp_path: Path, n: int, deadline: Deadline) -> di
     assert len(tasks) == n, (len(tasks), n)
     for t in tasks:  # the same samples, written elsewhere
         t["output_path"] = str(work / "out-bare" / Path(t["output_path"]).relative_to(exp_output(exp_path)))
+        t["output_root"] = str(work / "out-bare")
     tasks_path = work / "bare-tasks.json"
     tasks_path.write_text(json.dumps(tasks, ensure_ascii=False))
     result = work / "bare-result.json"
@@ -178,7 +189,7 @@ def run_fleet(args, work: Path, name: str, exp_path: Path, n: int, deadline: Dea
             "throughput_steady_per_s": stats["throughput_steady"]["per_s"] if stats["throughput_steady"] else None,
             "mean_sample_s": stats["mean_sample_s"],
             "model_load_s": stats["model_load_s"],
-            "workers": {k: {kk: v[kk] for kk in ("gpu", "samples", "model_loads", "mean_sample_s", "busy_fraction",
+            "workers": {k: {kk: v[kk] for kk in ("gpus", "samples", "model_loads", "mean_sample_s", "busy_fraction",
                                                   "mean_gap_s", "max_gap_s")}
                         for k, v in stats["workers"].items()},
             "busy_fraction_records": stats["busy_fraction_records"],

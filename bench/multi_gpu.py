@@ -18,7 +18,7 @@ embedded Redis, free ports) and stops it:
 3. ``multi_gpu_worker``: a private Redis, ``fleet worker --gpus 0,1`` and one
    ``fleet worker --gpu i`` per GPU; an experiment with ``gpus_per_sample: 2`` (queue
    gpus2) and a single-GPU one are enqueued together. The two-GPU samples must be made by
-   the group worker (record gpu "0,1", its CUDA_VISIBLE_DEVICES "0,1") while single-GPU
+   the group worker (record gpus [0, 1], its CUDA_VISIBLE_DEVICES "0,1") while single-GPU
    samples complete on the other workers at the same time.
 4. ``one_gpu``: ``fleet up --gpus 0``, the same workload (cut short, and marked partial,
    when the time budget runs out: its throughput is a steady rate either way).
@@ -127,8 +127,7 @@ def part_all_gpus(args, work: Path, exp: Path, total: int, n: int, fake: Path | 
             sampler.stop()
             nv = {}
             for name, w in stats["workers"].items():
-                gpu = int(w["gpu"].split(",")[0])
-                nv[name] = sampler.mean_util(gpu, *w["window"])
+                nv[name] = sampler.mean_util(w["gpus"][0], *w["window"])
             res["nvml"] = nv
             fr = [v["busy_fraction"] for v in nv.values() if v]
             res["busy_fraction_nvml"] = round(sum(fr) / len(fr), 4) if fr else None
@@ -149,7 +148,7 @@ def stats_summary(stats: dict) -> dict:
         "model_load_s": stats["model_load_s"],
         "busy_fraction_records": stats["busy_fraction_records"],
         "busy_fraction_makespan": stats["busy_fraction_makespan"],
-        "workers": {k: {kk: v[kk] for kk in ("gpu", "samples", "model_loads", "mean_sample_s", "busy_fraction",
+        "workers": {k: {kk: v[kk] for kk in ("gpus", "samples", "model_loads", "mean_sample_s", "busy_fraction",
                                              "mean_gap_s", "max_gap_s", "span_s")}
                     for k, v in stats["workers"].items()},
     }
@@ -177,7 +176,7 @@ class GpuWatcher(threading.Thread):
                     worker_pids = set(self.fl.worker_pids().values())
                     tick = {"t": time.time(), "gpus": {}}
                     for s in snaps:
-                        on = [w.name for w in ws if w.gpu != "cpu" and str(s.index) in w.gpu.split(",")]
+                        on = [w.name for w in ws if s.index in w.gpus]
                         pids = [p.pid for p in s.processes]
                         tick["gpus"][s.index] = {"fleet_workers": on, "processes": pids,
                                                  "fleet_worker_processes": sorted(set(pids) & worker_pids)}
@@ -221,7 +220,7 @@ def part_reserve(args, work: Path, exp: Path, total: int, n: int, fake: Path | N
         res.update({
             "samples": len(recs), "ticks": len(watcher.ticks), "watch_error": watcher.error,
             "gpus_with_fleet_worker": sorted(with_worker), "gpus_with_any_process": sorted(with_process),
-            "gpus_never_used": never, "record_gpus": sorted({r.gpu for r in recs}),
+            "gpus_never_used": never, "record_gpus": sorted({tuple(r.gpus) for r in recs}),
             "fleet_gpus_json_mid_run": mid,
             "ok": len(never) >= 1 and len(watcher.ticks) >= 3 and bool(with_worker),
         })
@@ -240,7 +239,7 @@ def part_multi_gpu_worker(args, work: Path, exp_group: Path, n_group: int, exp_s
     res: dict[str, Any] = {}
     try:
         url = start_redis(procs, root)
-        env = base_env(FLEET_BROKER_URL=url, FLEET_STATE_DIR=str(root / "state"))
+        env = base_env(FLEET_BROKER_URL=url, FLEET_STATE_DIR=str(root / "state"), FLEET_OUTPUT_ROOTS=json.dumps([str(work)]))
         if fake is not None:
             env["FLEET_FAKE_GPUS"] = str(fake)
         log("multi_gpu_worker: fleet worker --gpus 0,1 and one fleet worker --gpu i per GPU")
@@ -261,7 +260,7 @@ def part_multi_gpu_worker(args, work: Path, exp_group: Path, n_group: int, exp_s
             time.sleep(0.2)
         entries = {WorkerEntry.model_validate_json(v).name: WorkerEntry.model_validate_json(v)
                    for v in client.hvals(keys.workers)}
-        res["workers"] = {k: {"gpu": v.gpu, "queues": v.queues} for k, v in entries.items()}
+        res["workers"] = {k: {"gpus": list(v.gpus), "queues": v.queues} for k, v in entries.items()}
         for exp in (exp_group, exp_single):
             r = base_env_run(["enqueue", str(exp), "--json"], env, deadline)
             res.setdefault("enqueue", []).append(json.loads(r))
@@ -290,14 +289,14 @@ def part_multi_gpu_worker(args, work: Path, exp_group: Path, n_group: int, exp_s
 
         overlaps = sum(1 for g in grp for s in single if iv(g)[0] < iv(s)[1] and iv(s)[0] < iv(g)[1])
         res.update({
-            "group_records": [{"worker": r.worker, "gpu": r.gpu} for r in grp],
+            "group_records": [{"worker": r.worker, "gpus": r.gpus} for r in grp],
             "single_records_by_worker": {w: sum(1 for r in single if r.worker == w) for w in sorted({r.worker for r in single})},
-            "single_gpus": sorted({r.gpu for r in single}),
+            "single_gpus": sorted({tuple(r.gpus) for r in single}),
             "group_worker_cuda_visible_devices": cvd,
             "group_worker_log_ready_line": next((ln.strip() for ln in log_text.splitlines() if " ready on " in ln), None),
             "overlapping_group_single_pairs": overlaps,
         })
-        res["ok"] = (len(grp) == n_group and all(r.gpu == "0,1" and r.worker.startswith("gpus0-1@") for r in grp)
+        res["ok"] = (len(grp) == n_group and all(r.gpus == [0, 1] and r.worker.startswith("gpus0-1@") for r in grp)
                      and cvd == "0,1" and len(single) == n_single
                      and all(not r.worker.startswith("gpus") for r in single) and overlaps > 0)
         return res
@@ -337,7 +336,7 @@ def part_determinism(recs_n: list[CompletionRecord], out_n: Path, recs_1: list[C
     pairs = []
     for r in recs_n:
         rel = Path(r.output_path).relative_to(out_n)
-        if r.gpu != "0" and rel in one and one[rel].gpu == "0":
+        if r.gpus != [0] and rel in one and one[rel].gpus == [0]:
             pairs.append((r, one[rel]))
     pairs = pairs[:max_pairs]
 
@@ -352,7 +351,7 @@ def part_determinism(recs_n: list[CompletionRecord], out_n: Path, recs_1: list[C
     for a, b in pairs:
         fa, fb = frames(a.output_path), frames(b.output_path)
         same = fa.shape == fb.shape and bool(np.array_equal(fa, fb))
-        out.append({"sample": str(Path(a.output_path).relative_to(out_n)), "gpus": [a.gpu, b.gpu],
+        out.append({"sample": str(Path(a.output_path).relative_to(out_n)), "gpus": [a.gpus, b.gpus],
                     "frames": list(fa.shape), "identical_frames": same, "identical_files": sha(a.output_path) == sha(b.output_path),
                     "max_abs_diff": None if fa.shape != fb.shape else int(np.abs(fa.astype(int) - fb.astype(int)).max())})
     return {"pairs": out, "ok": bool(out) and all(p["identical_frames"] for p in out)}
@@ -362,19 +361,23 @@ def raw_phase(exp: Path, count: int, device: str, result: Path) -> int:
     """Child process: generate the first ``count`` samples of ``exp`` (no mp4) and hash the raw frames."""
     import numpy as np
 
-    from fleet.contract import VideoTask
+    from fleet.contract import TaskPayload
     from fleet.experiment import load_experiment
     from fleet.planner import payloads, plan_experiment
-    from workers.video_job import _generate
-    from workers.wan_model import ModelCache
+    from workers.jobs.video import _generate, params_of
+    from workers.model_cache import ModelCache
+    from workers.wan_model import load_pipeline
 
     plan = plan_experiment(load_experiment(exp))
-    tasks = [VideoTask.model_validate_json(pl) for _, _, pl in payloads(plan, plan.samples, lambda s: "raw")][:count]
+    tasks = [TaskPayload.model_validate_json(pl) for _, _, pl in payloads(plan, plan.samples, lambda s: "raw")][:count]
     cache = ModelCache()
     out = []
     for t in tasks:
-        pipe, _, _ = cache.get(t.model, device)
-        frames = np.stack([np.asarray(f.convert("RGB")) for f in _generate(t, pipe)])
+        params = params_of(t)
+        spec = params.model
+        # The video job's cache key (workers/jobs/video.py): kind, model identity, device.
+        pipe, _, _ = cache.get("video", spec.model_dump_json(), device, lambda spec=spec: load_pipeline(spec, device))
+        frames = np.stack([np.asarray(f.convert("RGB")) for f in _generate(params, pipe)])
         out.append({"sample_id": t.sample_id, "shape": list(frames.shape),
                     "sha256": hashlib.sha256(frames.tobytes()).hexdigest(), "mean": float(frames.mean())})
     write_json(result, {"device": device, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "samples": out})

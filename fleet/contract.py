@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 # names the actor in the message. Flower still tells kinds apart by the message's label.
 TASK_SAMPLE = "fleet.sample"
 
+# ---- worker exit status (besides Celery's 0 and 1) -----------------------------------------
+WORKER_EXIT_BROKEN = 3  # it stopped itself: several samples in a row failed with unexpected errors
+WORKER_EXIT_INTERRUPTED = 130  # stopped at once (a second Ctrl-C); its sample went back to its queue
+
 # ---- payload schemas ----------------------------------------------------------------------
 TASK_SCHEMA = "fleet.task/1"
 RECORD_SCHEMA = "fleet.record/2"
@@ -42,6 +46,11 @@ class Keys:
         ns = namespace
         self.namespace = ns
         self.done = f"{ns}:done"  # SET of sample ids whose record says done
+        self.done_bytes = f"{ns}:done_bytes"  # HASH sample id -> its output's size in bytes (-1: a folder)
+        # HASH output path -> [sample id, experiment]: who writes each output (enqueue refuses a
+        # second experiment writing the same path with other parameters)
+        self.outputs = f"{ns}:outputs"
+        self.enqueue_lock = f"{ns}:lock:enqueue"  # held by one `fleet enqueue` of the namespace at a time
         self.records = f"{ns}:records"  # HASH sample id -> CompletionRecord JSON
         self.failed = f"{ns}:failed"  # HASH sample id -> FailureRecord JSON (cleared on success)
         self.queued = f"{ns}:queued"  # HASH sample id -> [experiment, group] (published, not started)
@@ -55,6 +64,9 @@ class Keys:
         self.deliveries = f"{ns}:deliveries"  # HASH sample id -> times the sample started
         self.workers = f"{ns}:workers"  # HASH worker name -> WorkerEntry JSON (heartbeat, current sample)
         self.reaper_lock = f"{ns}:lock:reaper"
+        # LIST of JSON {reason, queue, worker, at, encoding, message}: what a worker popped from a
+        # fleet queue that was not a fleet task (not JSON, pickle, another task), newest first
+        self.dead_letters = f"{ns}:dead_letters"
 
     def lease(self, sample_id: str) -> str:
         """STRING, TTL lease_ttl_s: the worker token running the sample; gone = worker dead."""
@@ -112,6 +124,7 @@ class CompletionRecord(_Strict):
     group: str
     label: str = ""
     output_path: str
+    output_bytes: int = Field(-1, description="Size of the output file in bytes; -1 for a folder")
     duration_s: float = Field(description="Wall time of the sample on the worker, model load included")
     worker: str
     hostname: str
@@ -177,4 +190,6 @@ class WorkerEntry(BaseModel):
     group: str | None = None
     label: str | None = None
     progress: float | None = Field(None, description="Fraction of the current sample done, when the job reports it")
+    done: int = Field(0, ge=0, description="Samples this worker process has made (the supervisor resets its restart back-off)")
+    failed: int = Field(0, ge=0, description="Samples this worker process failed for good")
     seen_at: float

@@ -107,6 +107,8 @@ def run_demo(settings: FleetSettings, directory: Path, n_workers: int) -> None:
     from fleet.status import experiment_status
 
     directory = directory.resolve()
+    if not settings.output_roots and settings.output_dir is None:
+        settings = settings.model_copy(update={"output_roots": [directory]})  # the workers may write the demo's outputs
     click.echo(f"building the demo in {directory} (tiny model, 4 categories of reference videos) ...")
     exp_path = build_demo(directory)
     exp = load_experiment(exp_path, settings.output_dir, settings.kinds)

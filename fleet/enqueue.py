@@ -8,20 +8,29 @@ input never leaves a half-enqueued experiment.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
+from pathlib import Path
 
 import redis
+from redis.exceptions import LockError
 
 from fleet.contract import Keys, queue_name
-from fleet.errors import PlacementError
+from fleet.control import record_priority
+from fleet.errors import BrokerUnavailable, InputError, PlacementError
 from fleet.kinds import KindModules
 from fleet.kinds.base import Experiment, PlanContext, Sample
 from fleet.placement import PlacementPolicy
 from fleet.planner import check_inputs, payload_head, payloads, plan_experiment
 from fleet.publisher import Outgoing, kept_payload, publish
-from fleet.records import classify, drop_stale_queued, queued_value
+from fleet.records import CHUNK, adopt_legacy_records, classify, drop_stale_queued, has_legacy_records, queued_value
 from fleet.routing import queue_for_sample
+
+LOCK_TTL_S = 120.0  # a crashed enqueue's lock frees itself after this long
+LOCK_WAIT_S = 600.0  # how long an enqueue waits for another one of the namespace
 
 
 @dataclass
@@ -45,21 +54,49 @@ def enqueue(
     policy: PlacementPolicy | None = None,
     memory_classes_mib: list[int] | None = None,
     kinds: Mapping[str, KindModules] | None = None,
+    lock_timeout_s: float = LOCK_WAIT_S,
 ) -> EnqueueResult:
     """Publish every sample of ``exp`` that is neither done nor queued nor running.
 
     Each sample goes to the queue of what it needs (pinned GPUs, several GPUs, a memory
     class, or any GPU); an impossible need fails here, before anything is published.
+    One enqueue of the namespace runs at a time (a lock in Redis), so two concurrent
+    enqueues of one experiment, or of two that share samples, queue each sample once.
     """
     keys = Keys(namespace)
-    ctx = PlanContext(client, keys)
+    lock = client.lock(keys.enqueue_lock, timeout=LOCK_TTL_S, blocking_timeout=lock_timeout_s)
+    if not lock.acquire():
+        raise BrokerUnavailable(f"another `fleet enqueue` of namespace {namespace!r} has held its lock for "
+                                f"{lock_timeout_s:.0f} s; try again when it has finished")
+    try:
+        return _enqueue(client, keys, exp, groups, dry_run, policy, memory_classes_mib, kinds)
+    finally:
+        try:
+            lock.release()
+        except LockError:
+            pass  # expired meanwhile (an enqueue longer than LOCK_TTL_S): nothing to release
+
+
+def _enqueue(
+    client: redis.Redis, keys: Keys, exp: Experiment, groups: list[str] | None, dry_run: bool,
+    policy: PlacementPolicy | None, memory_classes_mib: list[int] | None, kinds: Mapping[str, KindModules] | None,
+) -> EnqueueResult:
+    namespace = keys.namespace
+    ctx = PlanContext(client, keys, legacy_ids=has_legacy_records(client, keys))
     plan = plan_experiment(exp, groups, ctx, kinds)
     ids = [s.sample_id for s in plan.samples]
     outs = [s.output_path for s in plan.samples]
     drop_stale_queued(client, keys, queue_name(namespace, ""))  # a purged queue must not mean "in flight" forever
     state = classify(client, keys, ids, outs)
     todo = [plan.samples[i] for i in state.todo]
+    if ctx.legacy_ids and todo:
+        migrated = adopt_legacy_records(client, keys, todo)
+        state.done.update(migrated)
+        todo = [smp for smp in todo if smp.sample_id not in migrated]
     in_flight = len(state.queued) + len(state.running)
+    if todo:
+        check_output_root(exp)
+        check_output_owners(client, keys, exp, todo)
     check_inputs(plan, todo, ctx, kinds)
     policy = policy or PlacementPolicy()
     classes = memory_classes_mib or []
@@ -72,9 +109,12 @@ def enqueue(
     if dry_run:
         return EnqueueResult(len(ids), len(state.done), in_flight, 0, todo)
     marks = {g: queued_value(exp.name, g) for g in {smp.group for smp in todo}}  # the queued hash's value, once per group
+    step = record_priority(client, keys, exp)  # the experiment's priority: its queue lists (fleet.control)
     head = payload_head(plan)
     head_id = hashlib.sha256(head.encode()).hexdigest()[:16]
     client.hset(keys.payload_heads, head_id, head)
+    enc = encode_basestring
+    exp_json = enc(exp.name)
     items = (
         Outgoing(
             queue=q,
@@ -83,8 +123,45 @@ def enqueue(
             label=smp.label,
             queued_value=marks[smp.group],
             kept=kept_payload(q, payload, head, head_id),
+            output_path=smp.output_path,
+            owner=f'["{smp.sample_id}",{exp_json}]',
+            priority=step,
         )
         for smp, q, payload in payloads(plan, todo, lambda smp: routes[(smp.group, smp.memory_mib, smp.gpus)])
     )
     n = publish(client, keys, items)
     return EnqueueResult(len(ids), len(state.done), in_flight, n)
+
+
+def check_output_root(exp: Experiment) -> None:
+    """The output folder exists or can be created, and is writable; InputError otherwise."""
+    out = Path(exp.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{exp.path}: output: cannot create {out}: {e.strerror or e}") from None
+    if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"{exp.path}: output: {out} is not a writable folder")
+
+
+def check_output_owners(client: redis.Redis, keys: Keys, exp: Experiment, todo: list[Sample]) -> None:
+    """Refuse a sample whose output path another experiment writes with other parameters.
+
+    The outputs index maps each published output path to the sample and experiment that
+    write it. The same experiment re-planning a path with new parameters replaces its own
+    sample (that is how a changed parameter is made again); another experiment would
+    overwrite a file the first one counts as done.
+    """
+    for i in range(0, len(todo), CHUNK):
+        chunk = todo[i : i + CHUNK]
+        for smp, raw in zip(chunk, client.hmget(keys.outputs, [s.output_path for s in chunk])):
+            if raw is None:
+                continue
+            try:
+                sid, other = json.loads(raw)
+            except (ValueError, TypeError):
+                continue
+            if sid != smp.sample_id and other != exp.name:
+                raise InputError(
+                    f"{exp.path}: output {smp.output_path} is also written by experiment {other!r} with other "
+                    f"parameters; give experiment {exp.name!r} an output folder of its own")

@@ -7,13 +7,19 @@ rule is unit-tested on its own; the runner only carries the verdict out.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from enum import Enum
 
 from fleet.contract import TaskPayload
-from fleet.errors import FleetError, GpuOutOfMemory, Preempted
+from fleet.errors import FleetError, GpuOutOfMemory, InputError, Preempted
 from fleet.routing import queue_after_oom
 from fleet.settings import FleetSettings
+
+# File-system refusals about the sample's own output (a folder it may not write, a name too
+# long, a file where a folder should be): the sample's fault, the same on any worker.
+SAMPLE_FAULT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                                 errno.ENAMETOOLONG, errno.EEXIST})
 
 
 class Action(str, Enum):
@@ -40,12 +46,17 @@ def decide(error: BaseException, task: TaskPayload, queue: str, settings: FleetS
     - Out of GPU memory: the next larger memory class; with none, fail now (the same GPU
       would run out again), saying so.
     - Other retryable errors: another attempt on the same queue.
-    - Permanent errors (bad input, a model that does not load): fail now.
+    - Permanent errors (bad input, a model that does not load, an output the file system
+      refuses: SAMPLE_FAULT_ERRNOS): fail now; the worker is not to blame.
     - Preempted (the worker is stopping): back to the same queue as the same attempt.
     Attempts stop at ``settings.max_attempts``.
     """
     if isinstance(error, Preempted):
         return Verdict(Action.RETRY, queue, error, False, task.attempt)
+    if isinstance(error, OSError) and error.errno in SAMPLE_FAULT_ERRNOS:
+        fault = InputError(f"cannot write the output of sample {task.sample_id}: {error.strerror or error}"
+                           + (f": {error.filename}" if error.filename else ""))
+        return Verdict(Action.FAIL, None, fault, False)
     unexpected = not isinstance(error, FleetError)
     retryable = unexpected or error.retryable
     target: str | None = queue

@@ -6,7 +6,9 @@ with append-only persistence, no eviction, a generated password and its dangerou
 disabled), the supervisor (which starts and keeps one worker per usable GPU), and Flower
 on 127.0.0.1 behind a login (``workers.flower``). The pids go to
 ``<state_dir>/run/fleet.json``; ``down`` stops exactly those, by pid. A second ``up``
-finds the live pids and starts nothing.
+finds the live pids and starts nothing, except an embedded Redis that died under them:
+that one it starts again, on the same port, password and data. ``down`` returns within
+seconds when Redis is gone (the workers journal what they could not record).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fleet.credentials import FLOWER_PASSWORD_FILE, REDIS_PASSWORD_FILE, ensure_
 from fleet.errors import ConfigError
 from fleet.settings import FleetSettings
 
+FLOWER_GRACE_S = 5.0  # `fleet down`: Flower's time to exit before SIGKILL
 FLOWER_TASK_COLUMNS = "name,uuid,state,args,received,runtime,worker"
 # Commands of the embedded Redis that no fleet process uses and that turn access to the Redis
 # into more (CONFIG SET dir/dbfilename writes files anywhere the server may; MODULE LOAD runs
@@ -48,9 +51,12 @@ class UpInfo:
     workers: dict[str, int]
     logs: Path
     flower_login: str = ""  # who logs in and where the password is (never the password)
+    restarted: tuple[str, ...] = ()  # what had stopped under a fleet that was up, and was started again
 
     def describe(self) -> str:
         head = "fleet is already up" if self.already else "fleet is up"
+        if self.restarted:
+            head = f"fleet is up again: {', '.join(self.restarted)} had stopped and was started again (same data)"
         w = ", ".join(f"{n} (pid {p})" for n, p in self.workers.items())
         w = w or f"none yet: no GPU is usable under the placement policy (reasons in {self.logs / 'supervisor.log'})"
         flower = f"{self.flower_url} ({self.flower_login})" if self.flower_login else self.flower_url
@@ -185,6 +191,8 @@ def child_env(settings: FleetSettings) -> dict[str, str]:
     env["FLEET_BROKER_URL"] = settings.effective_broker_url
     env["FLEET_STATE_DIR"] = str(settings.state_dir)
     env["FLEET_PLACEMENT"] = settings.placement.model_dump_json()
+    if settings.output_roots:
+        env["FLEET_OUTPUT_ROOTS"] = json.dumps([str(p) for p in settings.output_roots])
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -217,8 +225,12 @@ def up(settings: FleetSettings, cpu_workers: int | None = None) -> UpInfo:
             # The state file holds the URL masked; this process's settings give the password.
             url = settings.effective_broker_url
             url = url if mask_url(url) == state["broker_url"] else state["broker_url"]
+            restarted: tuple[str, ...] = ()
+            if "redis" in state["pids"] and "redis" not in live:
+                live["redis"] = _restart_embedded_redis(settings, state)
+                restarted = ("redis",)
             return UpInfo(True, url, state["flower_url"], live, _workers(settings), settings.logs,
-                          flower_login=state.get("flower_login", ""))
+                          flower_login=state.get("flower_login", ""), restarted=restarted)
         if not cpu_workers:
             from fleet.gpu_inventory import inventory_from_env
             from fleet.placement import check_feasible
@@ -268,6 +280,19 @@ def up(settings: FleetSettings, cpu_workers: int | None = None) -> UpInfo:
                       flower_login=login)
 
 
+def _restart_embedded_redis(settings: FleetSettings, state: dict) -> int:
+    """The embedded Redis of a fleet that is up died (SIGKILL, the OOM killer): start it again
+    on its port, password and append-only data, and note its pid; the workers and Flower
+    reconnect by themselves, and the workers replay the record writes they journalled."""
+    if mask_url(settings.embedded_broker_url) != state.get("broker_url"):
+        raise ConfigError(f"this fleet's Redis ({state.get('broker_url')}) has stopped, and these settings name "
+                          f"another ({mask_url(settings.effective_broker_url)}); run `fleet up` with the settings "
+                          "the fleet was started with, or `fleet down` first")
+    pid = start_embedded_redis(settings)
+    write_json_atomic(_state_file(settings), {**state, "pids": {**state["pids"], "redis": pid}})
+    return pid
+
+
 def _workers(settings: FleetSettings) -> dict[str, int]:
     try:
         data = json.loads((run_dir(settings) / "workers.json").read_text())
@@ -284,8 +309,9 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def stop_pids(pids: dict[str, int], grace_s: float) -> list[str]:
-    """SIGTERM each pid (in order), SIGKILL what is left after the grace period."""
+def stop_pids(pids: dict[str, int], grace_s: float, grace_by_name: dict[str, float] | None = None) -> list[str]:
+    """SIGTERM each pid (in order), SIGKILL what is left after the grace period (per name in
+    ``grace_by_name``, else ``grace_s``)."""
     stopped = []
     for name, pid in pids.items():
         if alive(pid):
@@ -294,8 +320,9 @@ def stop_pids(pids: dict[str, int], grace_s: float) -> list[str]:
             except ProcessLookupError:
                 continue
             stopped.append(name)
-    deadline = time.monotonic() + grace_s
+    start = time.monotonic()
     for name, pid in pids.items():
+        deadline = start + (grace_by_name or {}).get(name, grace_s)
         while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if alive(pid):
@@ -315,12 +342,16 @@ def down(settings: FleetSettings, grace_s: float = 60.0) -> str:
             _state_file(settings).unlink(missing_ok=True)
             return "fleet is not up"
         order = {k: pids[k] for k in ("supervisor", "flower") if k in pids}
+        redis_gone = "redis" in pids and not alive(pids["redis"])
         # The supervisor passes the grace period on to its workers; give it a little more.
-        stopped = stop_pids(order, grace_s=grace_s + 10)
+        # Flower keeps nothing (its history is in memory), and with its Redis gone it retries
+        # the broker instead of exiting: a few seconds, then SIGKILL.
+        stopped = stop_pids(order, grace_s=grace_s + 10, grace_by_name={"flower": FLOWER_GRACE_S})
         leftovers = _workers(settings)  # a supervisor killed hard leaves its workers
         stopped += stop_pids(leftovers, grace_s=5)
         if "redis" in pids:
             stopped += stop_pids({"redis": pids["redis"]}, grace_s=10)
         _state_file(settings).unlink(missing_ok=True)
         (run_dir(settings) / "workers.json").unlink(missing_ok=True)
-        return "fleet is down (stopped " + ", ".join(stopped) + ")"
+        gone = "; redis had already stopped" if redis_gone else ""
+        return "fleet is down (stopped " + ", ".join(stopped) + gone + ")"

@@ -25,6 +25,7 @@ from operator import itemgetter
 import redis
 
 from fleet.contract import TASK_SAMPLE, Keys
+from fleet.priority import NORMAL_STEP, priority_list
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _BODY_TAIL = "], {}, " + json.dumps(_EMBED) + "]"
@@ -43,6 +44,9 @@ class Outgoing:
     label: str
     queued_value: str
     kept: str | None = None  # see kept_payload; None: kept whole
+    output_path: str | None = None  # recorded in the outputs index (who writes each path), when given
+    owner: str = ""  # the outputs index's value for output_path
+    priority: int | None = None  # kombu priority step (fleet.priority); None: normal
 
 
 def _uuid4() -> str:
@@ -55,7 +59,7 @@ def _uuid4() -> str:
 _VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 
-def _envelope(task: str, queue: str, body_b64: str, tid: str, label: str, delivery_tag: str) -> dict:
+def _envelope(task: str, queue: str, body_b64: str, tid: str, label: str, delivery_tag: str, priority: int = 0) -> dict:
     """The kombu/Redis envelope as a dict (the one definition of its fields and their order)."""
     headers = {
         "lang": "py",
@@ -88,7 +92,7 @@ def _envelope(task: str, queue: str, body_b64: str, tid: str, label: str, delive
             "reply_to": "",
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
+            "priority": priority,  # kombu's step: which of the queue's lists holds it (fleet.priority)
             "body_encoding": "base64",
             "delivery_tag": delivery_tag,
         },
@@ -99,7 +103,7 @@ _SLOTS = ("body", "tid", "label", "tag")  # the per-message values, in this orde
 
 
 @lru_cache(maxsize=256)
-def _template(task: str, queue: str) -> tuple[bytes, itemgetter]:
+def _template(task: str, queue: str, priority: int = 0) -> tuple[bytes, itemgetter]:
     """The envelope of (task, queue) as a bytes %-format with a ``%s`` per per-message value.
 
     Returns (format, pick): the message is ``format % pick((body, tid, label, tag))``, each
@@ -110,7 +114,8 @@ def _template(task: str, queue: str) -> tuple[bytes, itemgetter]:
     practice) take the slow path in ``encode_message``.
     """
     marks = {k: f"fleet\x00slot:{k}" for k in _SLOTS}
-    text = json.dumps(_envelope(task, queue, marks["body"], marks["tid"], marks["label"], marks["tag"]), ensure_ascii=False)
+    text = json.dumps(_envelope(task, queue, marks["body"], marks["tid"], marks["label"], marks["tag"], priority),
+                      ensure_ascii=False)
     quoted = {json.dumps(m, ensure_ascii=False): _SLOTS.index(k) for k, m in marks.items()}
     pieces, order, pos = [], [], 0
     for m in re.finditer("|".join(re.escape(q) for q in quoted), text):
@@ -122,16 +127,16 @@ def _template(task: str, queue: str) -> tuple[bytes, itemgetter]:
     return fmt, itemgetter(*order)
 
 
-def encode_message(payload_json: str, queue: str, label: str, task_id: str | None = None) -> bytes:
+def encode_message(payload_json: str, queue: str, label: str, task_id: str | None = None, priority: int = 0) -> bytes:
     """The kombu/Redis envelope of a Celery protocol-2 message of the fleet's one task
     (``TASK_SAMPLE``) with args ``[payload]``; ``label`` is what Flower shows as its args."""
     task = TASK_SAMPLE
     tid = task_id or _uuid4()
     body = base64.b64encode(("[[" + payload_json + _BODY_TAIL).encode("utf-8"))
     if "\x00" in task or "\x00" in queue:
-        envelope = _envelope(task, queue, body.decode("ascii"), tid, label, _uuid4())
+        envelope = _envelope(task, queue, body.decode("ascii"), tid, label, _uuid4(), priority)
         return json.dumps(envelope, ensure_ascii=False).encode("utf-8")
-    fmt, pick = _template(task, queue)
+    fmt, pick = _template(task, queue, priority)
     values = (
         b'"' + body + b'"',
         encode_basestring(tid).encode("utf-8"),
@@ -169,6 +174,7 @@ def publish(client: redis.Redis, keys: Keys, items: Iterable[Outgoing]) -> int:
     n = 0
     marks: list[str] = []
     kept: list[str] = []
+    owners: list[str] = []
     messages: dict[str, list[bytes]] = {}
 
     def flush() -> None:
@@ -177,11 +183,14 @@ def publish(client: redis.Redis, keys: Keys, items: Iterable[Outgoing]) -> int:
         pipe = client.pipeline(transaction=True)
         pipe.hset(keys.queued, items=marks)
         pipe.hset(keys.payloads, items=kept)
+        if owners:
+            pipe.hset(keys.outputs, items=owners)
         for queue, msgs in messages.items():
             pipe.lpush(queue, *msgs)
         pipe.execute()
         marks.clear()
         kept.clear()
+        owners.clear()
         messages.clear()
 
     for it in items:
@@ -189,10 +198,15 @@ def publish(client: redis.Redis, keys: Keys, items: Iterable[Outgoing]) -> int:
         marks.append(it.queued_value)
         kept.append(it.sample_id)
         kept.append(it.kept if it.kept is not None else kept_payload(it.queue, it.payload_json))
-        msgs = messages.get(it.queue)
+        if it.output_path is not None:
+            owners.append(it.output_path)
+            owners.append(it.owner)
+        step = NORMAL_STEP if it.priority is None else it.priority
+        lst = priority_list(it.queue, step)  # the queue's list of that priority (fleet.priority)
+        msgs = messages.get(lst)
         if msgs is None:
-            msgs = messages[it.queue] = []
-        msgs.append(encode_message(it.payload_json, it.queue, it.label))
+            msgs = messages[lst] = []
+        msgs.append(encode_message(it.payload_json, it.queue, it.label, priority=step))
         n += 1
         if n % CHUNK == 0:
             flush()

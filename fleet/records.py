@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import redis
 
+from fleet import control
 from fleet.contract import CompletionRecord, FailureRecord, Keys, RunningEntry
+from fleet.kinds.base import Sample
 from fleet.publisher import encode_message, unkeep
 
 CHUNK = 10000
@@ -36,12 +38,14 @@ class Classified:
 
 
 def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Sequence[str]) -> Classified:
-    """Which planned samples are done (record and file), queued, running, or still to do.
+    """Which planned samples are done (record and a file of the recorded size), queued,
+    running, or still to do.
 
-    Reads, in this order: the running hash, the done set (SMISMEMBER), then - only for the
-    samples not done - the queued hash (HMGET), and the running hash again. Skipping the
-    queued marks of done samples halves the Redis work of a re-run that is mostly done.
-    The order catches every sample in transit: queued -> running (claim) is seen by
+    Reads, in this order: the running hash, the done sizes (HMGET; for ids without one,
+    the done set, which is all records written before sizes were kept), then - only for
+    the samples not done - the queued hash (HMGET), and the running hash again. Skipping
+    the queued marks of done samples halves the Redis work of a re-run that is mostly
+    done. The order catches every sample in transit: queued -> running (claim) is seen by
     reading queued before running; running -> queued (requeue) and running -> done by
     the first read of running. Running means running in either read.
     """
@@ -49,16 +53,31 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
     running = {k.decode() for k in client.hkeys(keys.running)}
     pipe = client.pipeline(transaction=False)
     for i in range(0, n, CHUNK):
-        pipe.smismember(keys.done, list(ids[i : i + CHUNK]))
-    in_done = [d for part in pipe.execute() for d in part] if n else []
+        pipe.hmget(keys.done_bytes, list(ids[i : i + CHUNK]))
+    sizes = [d for part in pipe.execute() for d in part] if n else []
+    unsized = [k for k, b in enumerate(sizes) if b is None]
+    legacy: set[int] = set()
+    if unsized:
+        pipe = client.pipeline(transaction=False)
+        for i in range(0, len(unsized), CHUNK):
+            pipe.smismember(keys.done, [ids[k] for k in unsized[i : i + CHUNK]])
+        flags = [d for part in pipe.execute() for d in part]
+        legacy = {k for k, d in zip(unsized, flags) if d}
     done: set[str] = set()
     rest: list[int] = []  # not done: queued, running or to do
-    exists = os.path.exists
-    for k, d in enumerate(in_done):
-        if d and exists(outputs[k]):
-            done.add(ids[k])
-        else:
-            rest.append(k)
+    stat = os.stat
+    for k, b in enumerate(sizes):
+        if b is not None or k in legacy:
+            try:
+                st = stat(outputs[k])
+            except OSError:
+                rest.append(k)
+                continue
+            want = int(b) if b is not None else -1
+            if want < 0 or st.st_size == want:  # -1: a folder, or a record from before sizes were kept
+                done.add(ids[k])
+                continue
+        rest.append(k)
     pipe = client.pipeline(transaction=False)
     for i in range(0, len(rest), CHUNK):
         pipe.hmget(keys.queued, [ids[k] for k in rest[i : i + CHUNK]])
@@ -79,6 +98,61 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
     return Classified(done, queued, running & set(ids), todo)
 
 
+def has_legacy_records(client: redis.Redis, keys: Keys) -> bool:
+    """Whether done samples were recorded before sizes (and path-aware ids) were kept."""
+    pipe = client.pipeline(transaction=False)
+    pipe.scard(keys.done)
+    pipe.hlen(keys.done_bytes)
+    n_done, n_sized = pipe.execute()
+    return n_done > n_sized
+
+
+def adopt_legacy_records(client: redis.Redis, keys: Keys, todo: list[Sample]) -> set[str]:
+    """Samples done under an earlier id (an alias) whose file is in place: their record is
+    copied under the current id, so they count as done now and are never made again."""
+    with_alias = [smp for smp in todo if smp.aliases]
+    adopted: set[str] = set()
+    for i in range(0, len(with_alias), CHUNK):
+        chunk = with_alias[i : i + CHUNK]
+        olds = [smp.aliases[0] for smp in chunk]
+        pipe = client.pipeline(transaction=False)
+        pipe.smismember(keys.done, olds)
+        pipe.hmget(keys.records, olds)
+        flags, recs = pipe.execute()
+        pipe = client.pipeline(transaction=True)
+        for smp, flag, raw in zip(chunk, flags, recs):
+            if not flag or raw is None:
+                continue
+            try:
+                rec = json.loads(raw)
+                size = os.stat(smp.output_path).st_size
+            except (ValueError, OSError):
+                continue
+            if rec.get("output_path") != smp.output_path:
+                continue
+            pipe.hset(keys.records, smp.sample_id, _upgraded(rec, smp, size).model_dump_json(by_alias=True))
+            pipe.sadd(keys.done, smp.sample_id)
+            pipe.hset(keys.done_bytes, smp.sample_id, size)
+            adopted.add(smp.sample_id)
+        pipe.execute()
+    return adopted
+
+
+def _upgraded(rec: dict, smp: Sample, size: int) -> CompletionRecord:
+    """A record of schema 1 (video only; ``category``, ``gpu`` as text) as today's record of ``smp``."""
+    gpu = str(rec.get("gpu", ""))
+    return CompletionRecord(
+        sample_id=smp.sample_id, experiment=str(rec.get("experiment", "?")), kind=str(rec.get("kind", "video")),
+        group=smp.group, label=smp.label, output_path=smp.output_path, output_bytes=size,
+        duration_s=float(rec.get("duration_s", 0.0)), worker=str(rec.get("worker", "?")),
+        hostname=str(rec.get("hostname", "?")),
+        gpus=[int(g) for g in gpu.split(",") if g.strip().isdigit()], attempt=int(rec.get("attempt", 1)),
+        deliveries=int(rec.get("deliveries", 1)), model_loaded=bool(rec.get("model_loaded", False)),
+        model_load_s=float(rec.get("model_load_s", 0.0)), finished_at=float(rec.get("finished_at", 0.0)),
+        metrics={"adopted_from": str(rec.get("sample_id", ""))},
+    )
+
+
 def queued_value(experiment: str, group: str) -> str:
     """What the queued hash holds per sample: enough for status without the payload."""
     return json.dumps([experiment, group], ensure_ascii=False)
@@ -86,7 +160,18 @@ def queued_value(experiment: str, group: str) -> str:
 
 # ---- worker side -----------------------------------------------------------------------------
 def is_done(client: redis.Redis, keys: Keys, sample_id: str, output_path: str) -> bool:
-    return bool(client.sismember(keys.done, sample_id)) and os.path.exists(output_path)
+    """Done: a record, and the output in place with the recorded size (see classify)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hget(keys.done_bytes, sample_id)
+    pipe.sismember(keys.done, sample_id)
+    size, member = pipe.execute()
+    if size is None and not member:
+        return False
+    try:
+        st = os.stat(output_path)
+    except OSError:
+        return False
+    return size is None or int(size) < 0 or st.st_size == int(size)
 
 
 def claim(client: redis.Redis, keys: Keys, entry: RunningEntry, sample_id: str, ttl_s: float) -> int | None:
@@ -122,6 +207,7 @@ def complete(client: redis.Redis, keys: Keys, record: CompletionRecord) -> None:
     pipe = client.pipeline(transaction=True)
     pipe.hset(keys.records, sid, record.model_dump_json(by_alias=True))
     pipe.sadd(keys.done, sid)
+    pipe.hset(keys.done_bytes, sid, record.output_bytes)
     pipe.hdel(keys.payloads, sid)
     pipe.hdel(keys.failed, sid)
     pipe.hdel(keys.running, sid)
@@ -177,6 +263,31 @@ def take_orphan(client: redis.Redis, keys: Keys, sample_id: str, queued: str, qu
     )
     return bool(script(keys=[keys.running, keys.queued, keys.lease(sample_id), queue], args=[sample_id, queued, message]))
 
+
+def give_back(
+    client: redis.Redis, keys: Keys, sample_id: str, token: str, queued: str, queue: str, message: bytes,
+    kombu_tag: str | None = None,
+) -> bool:
+    """A worker that must stop at once (a second Ctrl-C) puts the sample it runs back at the
+    front of ``queue`` (a list: its priority's), the same attempt, atomically and only while
+    the running entry is still its own (``token``). The start does not count as a delivery:
+    the sample did not kill its worker. ``kombu_tag``: the delivery tag of the message it
+    came in, taken out of kombu's unacked hash so that it is not delivered again after the
+    visibility timeout. True when given back."""
+    script = client.register_script(
+        "local cur = redis.call('hget', KEYS[1], ARGV[1]) if not cur then return 0 end "
+        "local ok, entry = pcall(cjson.decode, cur) if not ok or entry['token'] ~= ARGV[2] then return 0 end "
+        "redis.call('hdel', KEYS[1], ARGV[1]) "
+        "if redis.call('get', KEYS[3]) == ARGV[2] then redis.call('del', KEYS[3]) end "
+        "if redis.call('hincrby', KEYS[5], ARGV[1], -1) <= 0 then redis.call('hdel', KEYS[5], ARGV[1]) end "
+        "redis.call('hset', KEYS[2], ARGV[1], ARGV[3]) redis.call('rpush', KEYS[4], ARGV[4]) "
+        "if ARGV[5] ~= '' then redis.call('hdel', KEYS[6], ARGV[5]) redis.call('zrem', KEYS[7], ARGV[5]) end "
+        "return 1"
+    )
+    return bool(script(keys=[keys.running, keys.queued, keys.lease(sample_id), queue, keys.deliveries, KOMBU_UNACKED,
+                             KOMBU_UNACKED_INDEX],
+                       args=[sample_id, token, queued, message, kombu_tag or ""]))
+
 def requeue(
     client: redis.Redis, keys: Keys, sample_id: str, queue: str, message: bytes, queued: str,
     failure: FailureRecord | None, payload: str, keep_deliveries: bool = False,
@@ -198,6 +309,7 @@ def requeue(
 
 
 KOMBU_UNACKED = "unacked"  # kombu's Redis transport: delivery tag -> [message, exchange, routing key]
+KOMBU_UNACKED_INDEX = "unacked_index"  # kombu's Redis transport: delivery tag -> when delivered (zset)
 
 
 def stale_queued(client: redis.Redis, keys: Keys, queue_prefix: str) -> list[str]:
@@ -210,6 +322,7 @@ def stale_queued(client: redis.Redis, keys: Keys, queue_prefix: str) -> list[str
     import base64
 
     queues = [q for q in client.scan_iter(match=f"{queue_prefix}*", count=1000)]
+    queues += control.parked_lists(client, keys)  # a paused experiment's parked messages are present (fleet.control)
     waiting = sum(client.llen(q) for q in queues)
     # Delivered but not acked yet: ours only (the hash is shared by every app of this db,
     # and holds a killed worker's message for the whole visibility timeout).
@@ -266,7 +379,8 @@ def recover_lost(
         if found is None:
             continue
         queue, payload = found
-        client.rpush(queue, encode_message(payload, queue, f"{_label_of(payload)} (recovered)"))
+        lst, step = control.list_for_payload(client, keys, queue, payload)  # its priority's list (fleet.control)
+        client.rpush(lst, encode_message(payload, queue, f"{_label_of(payload)} (recovered)", priority=step))
         published.append(sid)
     return published
 

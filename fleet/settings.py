@@ -41,6 +41,10 @@ class FleetSettings(BaseSettings):
     state_dir: Path = Field(Path("~/.fleet"), description="Pid files, the embedded Redis's data, the launcher's state.")
     log_dir: Path | None = Field(None, description="One log file per process; default <state_dir>/logs.")
     output_dir: Path | None = Field(None, description="Default output root for experiments that do not name one.")
+    output_roots: list[Path] = Field(
+        [], description="Folders a worker may write outputs under (symlinks resolved); empty: output_dir if set, "
+        "else the folder the worker was started in (never /). A task whose output lies elsewhere is refused.",
+    )
     embedded_redis_port: int = Field(6399, ge=1, le=65535)
     flower_port: int = Field(5555, ge=1, le=65535)
     flower_address: str = "127.0.0.1"
@@ -83,6 +87,17 @@ class FleetSettings(BaseSettings):
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
         return None if v is None else v.expanduser()
+
+    @field_validator("output_roots", mode="after")
+    @classmethod
+    def _expand_roots(cls, v: list[Path]) -> list[Path]:
+        return [p.expanduser() for p in v]
+
+    def allowed_output_roots(self, cwd: Path | None = None) -> list[Path]:
+        """The folders outputs may be written under, resolved (see output_roots)."""
+        roots = list(self.output_roots) or ([self.output_dir] if self.output_dir is not None else [cwd or Path.cwd()])
+        resolved = [Path(os.path.realpath(r)) for r in roots]
+        return [r for r in resolved if r != Path(r.anchor)]  # the file system's root would allow everything
 
     @field_validator("flower_user", "flower_password", mode="after")
     @classmethod

@@ -18,7 +18,7 @@ from fleet.contract import FailureRecord, Keys, record_group
 from fleet.kinds import KindModules
 from fleet.kinds.base import Experiment, PlanContext
 from fleet.planner import plan_experiment
-from fleet.records import classify
+from fleet.records import adopt_legacy_records, classify, has_legacy_records
 
 STATES = ("done", "queued", "running", "failed")
 
@@ -56,9 +56,13 @@ def experiment_status(
 ) -> Status:
     """Counts over the experiment's planned samples (plans; decodes nothing)."""
     keys = Keys(namespace)
-    plan = plan_experiment(exp, groups, PlanContext(client, keys), kinds)
+    legacy = has_legacy_records(client, keys)
+    plan = plan_experiment(exp, groups, PlanContext(client, keys, legacy_ids=legacy), kinds)
     ids = [s.sample_id for s in plan.samples]
     state = classify(client, keys, ids, [s.output_path for s in plan.samples])
+    if legacy and state.todo:  # done before ids included the output root: adopted under today's id
+        state.done.update(adopt_legacy_records(client, keys, [plan.samples[i] for i in state.todo]))
+        state.todo = [i for i in state.todo if ids[i] not in state.done]
     st = Status(sample_ids=set(ids))
     todo_ids = [ids[i] for i in state.todo]
     failed = set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,15 +21,21 @@ from dataclasses import dataclass, field
 import redis
 
 from fleet.broker import connect
-from fleet.contract import Keys, WorkerEntry
+from fleet.contract import WORKER_EXIT_BROKEN, Keys, WorkerEntry
+from fleet.errors import BrokerUnavailable
 from fleet.gpu_inventory import GpuSnapshot, Inventory, inventory_from_env
 from fleet.launcher import run_dir, write_json_atomic
 from fleet.placement import PlacementPolicy, choose_group, eligible_gpus
+from fleet.priority import queue_length
 from fleet.routing import group_queue
 from fleet.settings import FleetSettings, load_settings
 from fleet.worker_launch import worker_command, worker_name
 
 log = logging.getLogger("fleet.supervisor")
+
+BACKOFF_FIRST_S = 2.0  # the wait before restarting a worker that exited on its own the first time
+BACKOFF_MAX_S = 60.0  # doubling stops here: a fixed GPU or install is back in use within a minute
+HEALTHY_RUN_S = 600.0  # a worker that ran this long starts its back-off over, as one that made a sample does
 
 
 @dataclass(frozen=True)
@@ -108,14 +115,14 @@ class Supervisor:
         for n in range(16, 1, -1):
             if n in busy and self._group_busy(n):
                 want.add(n)
-            elif self.client.llen(group_queue(ns, n)):
+            elif queue_length(self.client, group_queue(ns, n)):  # every priority list (fleet.priority)
                 want.add(n)
         return sorted(want, reverse=True)
 
     def _group_busy(self, n: int) -> bool:
         """A group worker of n GPUs still has queued work or a sample running."""
         ns = self.settings.namespace
-        if self.client.llen(group_queue(ns, n)):
+        if queue_length(self.client, group_queue(ns, n)):
             return True
         fresh = time.time() - max(15.0, 3 * self.settings.heartbeat_s)
         for raw in self.client.hvals(Keys(ns).workers):
@@ -154,18 +161,20 @@ class Supervisor:
 
     def reconcile(self) -> None:
         now = time.monotonic()
+        self._note_healthy()
         for name, r in list(self.running.items()):
             rc = r.proc.poll()
             if rc is not None:
                 del self.running[name]
                 if not r.stopping:
                     # Doubling back-off for a worker that keeps exiting (a broken GPU, a bad
-                    # install); one that ran for 10 minutes starts over at 2 s.
-                    n = 0 if now - r.started > 600 else self.exits.get(name, 0) + 1
+                    # install), capped at BACKOFF_MAX_S; it starts over once the worker has
+                    # made a sample (_note_healthy) or ran HEALTHY_RUN_S.
+                    n = 1 if now - r.started > HEALTHY_RUN_S else self.exits.get(name, 0) + 1
                     self.exits[name] = n
-                    delay = min(600.0, 2.0 * 2 ** n)
+                    delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (n - 1))
                     self.backoff[name] = now + delay
-                    log.warning("worker %s exited with %s; restarting in %.0f s", name, rc, delay)
+                    log.warning("worker %s %s; restarting in %.0f s", name, _exit_reason(rc), delay)
         if self.stopping:
             return
         try:
@@ -184,6 +193,27 @@ class Supervisor:
                 continue  # a worker leaving these GPUs is finishing its sample; start after it
             self.start(plan)
         self._write_pids()
+
+    def _note_healthy(self) -> None:
+        """Start the back-off of a worker over once it has made a sample: its heartbeat entry
+        (this process's: same pid) counts done > 0. Read only for workers that have exited
+        before, so a healthy fleet costs Redis nothing here."""
+        owed = [name for name in self.running if self.exits.get(name)]
+        if self.client is None or not owed:
+            return
+        host = socket.gethostname()
+        try:
+            raws = self.client.hmget(Keys(self.settings.namespace).workers, [f"{name}@{host}" for name in owed])
+        except redis.RedisError:
+            return  # Redis away: keep the count until it answers
+        for name, raw in zip(owed, raws):
+            try:
+                w = WorkerEntry.model_validate_json(raw) if raw else None
+            except ValueError:
+                continue  # an entry of another fleet version
+            if w is not None and w.pid == self.running[name].proc.pid and w.done > 0:
+                log.info("worker %s made a sample: its restart back-off starts over", name)
+                self.exits[name] = 0
 
     def _write_pids(self) -> None:
         """<state>/run/workers.json: what `fleet up` shows and `fleet down` stops if we die."""
@@ -205,15 +235,35 @@ class Supervisor:
             try:
                 r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("worker %s did not finish within %.0f s; killing it (its sample will run again)", r.plan.name, grace_s)
-                r.proc.kill()
-                r.proc.wait()
+                # A second signal makes the worker give its sample back to the front of the
+                # queue at once (workers/main.py); SIGKILL only if even that does not end it.
+                log.warning("worker %s did not finish within %.0f s; interrupting it (its sample goes back "
+                            "to its queue)", r.plan.name, grace_s)
+                r.proc.send_signal(signal.SIGINT)
+                try:
+                    r.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    log.warning("worker %s did not stop; killing it (its sample runs again after its lease)",
+                                r.plan.name)
+                    r.proc.kill()
+                    r.proc.wait()
         (run_dir(self.settings) / "workers.json").unlink(missing_ok=True)
 
     def loop(self) -> None:
         while not self.stopping:
             self.reconcile()
             time.sleep(self.interval_s)
+
+
+def _exit_reason(rc: int) -> str:
+    if rc == WORKER_EXIT_BROKEN:
+        return "stopped itself: its samples kept failing with unexpected errors (exit status 3)"
+    if rc < 0:
+        try:
+            return f"was killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"was killed by signal {-rc}"
+    return f"exited with {rc}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stdout)
     settings = load_settings()
-    client = None if args.cpu_workers else connect(settings)
+    try:  # queued multi-GPU work; the workers' heartbeat entries (back-off)
+        client = connect(settings, timeout_s=2.0)
+    except BrokerUnavailable:
+        if not args.cpu_workers:
+            raise
+        client = None  # CPU workers need no Redis here: only the back-off's reset is lost
     sup = Supervisor(settings, inventory_from_env(), cpu_workers=args.cpu_workers, client=client,
                      interval_s=settings.placement_interval_s)
 

@@ -17,6 +17,7 @@ from fleet import records
 from fleet.contract import Keys, WorkerEntry
 from fleet.publisher import encode_message
 from fleet.routing import all_queues_prefix
+from workers import control_hooks
 from workers.runner import SampleRunner
 
 log = logging.getLogger("fleet.worker")
@@ -41,10 +42,15 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         r, s, keys = self.runner.client, self.runner.settings, self.runner.keys
+        if self.runner.journal.pending():  # records kept while Redis was away go first
+            n = self.runner.journal.replay(r, keys)
+            log.warning("replayed %d record writes kept while Redis was away", n)
         with self.runner.lock:
             cur = self.runner.current
         if cur is not None and not records.renew(r, keys, cur.sample_id, cur.token, s.lease_ttl_s):
             log.warning("lost the lease of %s to another worker", cur.sample_id)
+        if cur is not None:
+            control_hooks.watch_cancel(self.runner, cur.sample_id)  # fleet cancel: set the sample's stop event
         entry = WorkerEntry(
             name=self.runner.worker,
             hostname=self.runner.hostname,
@@ -55,6 +61,8 @@ class Heartbeat(threading.Thread):
             group=cur.group if cur else None,
             label=cur.label if cur else None,
             progress=cur.progress if cur else None,
+            done=self.runner.done_count,
+            failed=self.runner.failed_count,
             seen_at=time.time(),
         )
         r.hset(keys.workers, self.runner.worker, entry.model_dump_json())
@@ -72,9 +80,13 @@ class Heartbeat(threading.Thread):
             task = entry.task
             queued = records.queued_value(str(task.get("experiment", "?")), str(task.get("group", "?")))
             label = f"{task.get('label', '')} (orphaned by {entry.worker})"
-            msg = encode_message(json.dumps(task, ensure_ascii=False), entry.queue, label)
-            if records.take_orphan(r, keys, sid, queued, entry.queue, msg):
+            target = control_hooks.orphan_target(self.runner, sid, entry.queue, str(task.get("experiment", "")))
+            if target is None:
+                continue  # cancelled: dropped, not published again
+            msg = encode_message(json.dumps(task, ensure_ascii=False), entry.queue, label, priority=target[1])
+            if records.take_orphan(r, keys, sid, queued, target[0], msg):
                 log.warning("sample %s: worker %s died mid-sample; published it again", sid, entry.worker)
+        control_hooks.reap(self.runner)  # unpark what is no longer paused; old tombstones
 
     def _confirmed_orphans(self, now: float | None = None) -> list:
         """Running samples without a lease whose worker has not beaten since: dead.

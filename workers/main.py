@@ -3,21 +3,43 @@
 ``fleet worker`` sets CUDA_DEVICE_ORDER, CUDA_VISIBLE_DEVICES and the thread counts in
 the environment before this process starts, so torch (imported lazily on the first
 sample) sees only this worker's GPUs.
+
+Stopping (docs/ARCHITECTURE.md, "Workers"):
+
+- SIGTERM or a first Ctrl-C: Celery's warm shutdown. The worker takes no more work, its
+  sample finishes (or its job, which sees ``JobContext.stopping``, gives it back), then it
+  exits.
+- A second Ctrl-C (after either), or SIGQUIT: it stops at once. Its running sample goes
+  back to the front of its queue, the same attempt, in one Redis script
+  (``fleet.records.give_back``), and the process exits with EXIT_INTERRUPTED. Celery's own
+  cold shutdown cannot stop a thread (NotImplementedError with the threads pool) and a
+  killed worker's sample waits for its lease to expire.
+
+Exit status: Celery's (0 after SIGTERM, 1 after a Ctrl-C or an unrecoverable error),
+EXIT_BROKEN when the worker stopped itself because its samples kept failing with
+unexpected errors (the runner's ``on_broken``: a supervisor or systemd's
+``Restart=on-failure`` starts it again), EXIT_INTERRUPTED after a second Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 
 from celery import signals
 
 from fleet.broker import connect
+from fleet.contract import WORKER_EXIT_BROKEN as EXIT_BROKEN
+from fleet.contract import WORKER_EXIT_INTERRUPTED as EXIT_INTERRUPTED
 from fleet.errors import BrokerUnavailable
+from fleet.routing import all_queues_prefix
 from fleet.settings import load_settings
 
 log = logging.getLogger("fleet.worker")
@@ -41,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("%s; retrying in 2 s", e)
             time.sleep(2)
 
+    from workers import transport
     from workers.app import app
     from workers.heartbeat import Heartbeat
     from workers.runner import SampleRunner
@@ -53,19 +76,26 @@ def main(argv: list[str] | None = None) -> int:
     bind_runner(runner)
     queues = [q for q in args.queues.split(",") if q]
     beat = Heartbeat(runner, queues)
+    # What is not a fleet task (not JSON, pickle, another task) is set aside, not run (workers/transport.py).
+    transport.install(all_queues_prefix(settings.namespace), runner.keys.dead_letters, node)
+    stopper = Stopper(runner, beat, node)
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
         log.info("worker %s ready on %s (%s), queues %s", node, f"GPUs {args.gpus}" if gpus else "CPU", args.device,
                  ",".join(queues))
         beat.start()
+        stopper.install()  # over Celery's handlers, which it installs before it is ready
 
     @signals.worker_shutting_down.connect(weak=False)
     def _stopping(**_: object) -> None:
         runner.stopping.set()  # a long job checkpoints and gives its sample back (JobContext.stopping)
 
+    exitcode: list[int | None] = [None]  # Celery's, for this process's exit status
+
     @signals.worker_shutdown.connect(weak=False)
-    def _shutdown(**_: object) -> None:
+    def _shutdown(sender: object = None, **_: object) -> None:
+        exitcode[0] = getattr(sender, "exitcode", None)
         beat.shutdown()
 
     app.worker_main(
@@ -82,7 +112,130 @@ def main(argv: list[str] | None = None) -> int:
             "-l", "INFO",
         ]
     )
-    return 0
+    if runner.broken:
+        log.error("worker %s stopped because it looks broken; exit status %d", node, EXIT_BROKEN)
+        return EXIT_BROKEN
+    return exitcode[0] or 0
+
+
+class Stopper:
+    """SIGINT, SIGTERM and SIGQUIT, acted on by a thread of their own (see the module docstring).
+
+    Python runs a signal handler in the main thread, and only when that thread runs Python
+    code. During a warm shutdown the main thread waits in a join for the pool's thread, and
+    a signal the kernel hands to another thread (the job's) would not wake it: its handler
+    would run when the sample ends. So once the worker is ready (Celery has installed its
+    own handlers by then), ``install`` puts in handlers that do nothing and a wakeup fd
+    (``signal.set_wakeup_fd``): Python's C-level handler, in whichever thread the signal
+    lands, writes the signal's number there, and this thread reads it and acts. The warm
+    shutdown is started as Celery's own handler starts it (``worker_shutting_down``, then
+    the ``should_stop`` flag its loop polls). No signal is blocked anywhere, so processes
+    a job starts get the usual signals."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
+
+    def __init__(self, runner, beat, node: str) -> None:  # (SampleRunner, Heartbeat, worker name)
+        self.runner = runner
+        self.beat = beat
+        self.node = node
+        self.asked = False  # a warm shutdown is under way
+        self.leaving = False
+
+    def install(self) -> None:
+        """Call in the main thread, after Celery has installed its handlers."""
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        for sig in self.SIGNALS:
+            signal.signal(sig, _ignore)
+        threading.Thread(target=self._run, args=(r,), name="fleet-signals", daemon=True).start()
+
+    def _run(self, fd: int) -> None:
+        while True:
+            for signum in os.read(fd, 64):
+                if signum not in self.SIGNALS:
+                    continue  # SIGUSR1 (Celery's stack dump) and the like: theirs
+                try:
+                    self.on_signal(signum)
+                except Exception:
+                    log.exception("handling %s", signal.Signals(signum).name)
+
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGQUIT or (signum == signal.SIGINT and self.asked):
+            self.now(signum)
+            return
+        if self.asked:
+            log.info("%s: already stopping after the current sample (Ctrl-C: at once)", signal.Signals(signum).name)
+            return
+        self.asked = True
+        from celery.platforms import EX_FAILURE, EX_OK
+        from celery.worker import state
+
+        code = EX_FAILURE if signum == signal.SIGINT else EX_OK  # Celery's exit status for each
+        again = "Ctrl-C again" if signum == signal.SIGINT else "Ctrl-C (SIGINT) or SIGQUIT"
+        print(f"worker: warm shutdown: the current sample finishes first; {again} stops the worker at once "
+              "and puts its sample back in its queue", file=sys.__stdout__, flush=True)
+        try:
+            signals.worker_shutting_down.send(sender=self.node, sig=signal.Signals(signum).name, how="Warm",
+                                              exitcode=code)
+        finally:
+            state.should_stop = code  # what Celery's loop polls; as Celery's own handler sets it
+
+    def now(self, signum: int) -> None:
+        """Give the running sample back and exit, without waiting for the job (a thread
+        cannot be stopped; the process ends under it)."""
+        if self.leaving:  # a third Ctrl-C while the sample goes back: go now
+            os._exit(EXIT_INTERRUPTED)
+        self.leaving = True
+        log.warning("%s: stopping now; the running sample goes back to its queue", signal.Signals(signum).name)
+        try:
+            self.beat.stop_event.set()  # no renewal may recreate the lease once it is given up
+            if self.beat.is_alive():
+                self.beat.join(timeout=2.0)
+            self.give_back()
+        except Exception:
+            log.exception("could not give the running sample back; it runs again once its lease expires")
+        try:
+            self.beat.shutdown()  # off the workers list
+        except Exception:
+            pass
+        logging.shutdown()
+        os._exit(EXIT_INTERRUPTED)
+
+    def give_back(self) -> None:
+        from celery.worker import state
+
+        from fleet import records
+        from fleet.contract import RunningEntry
+        from fleet.publisher import encode_message
+        from workers import control_hooks
+
+        r, keys = self.runner.client, self.runner.keys
+        cur = self.runner.current
+        delivered = [req.message for req in list(state.active_requests) if getattr(req, "message", None) is not None]
+        if cur is not None:
+            raw = r.hget(keys.running, cur.sample_id)
+            entry = RunningEntry.model_validate_json(raw) if raw else None
+            if entry is not None and entry.token == cur.token:
+                task = entry.task
+                lst, step = control_hooks.republish_list(self.runner, entry.queue, str(task.get("experiment", "")))
+                msg = encode_message(json.dumps(task, ensure_ascii=False), entry.queue,
+                                     f"{task.get('label', '')} (given back by {self.runner.worker})", priority=step)
+                queued = records.queued_value(str(task.get("experiment", "?")), str(task.get("group", "?")))
+                tag = delivered[0].delivery_tag if len(delivered) == 1 else None
+                if records.give_back(r, keys, cur.sample_id, cur.token, queued, lst, msg, tag):
+                    log.warning("sample %s is back at the front of %s (attempt %s)", cur.sample_id, entry.queue,
+                                task.get("attempt", "?"))
+                    return
+            log.warning("sample %s is no longer this worker's; nothing to give back", cur.sample_id)
+            return
+        for message in delivered:  # delivered, not claimed yet (or finished, not acked): kombu puts it back
+            message.channel.qos.restore_by_tag(message.delivery_tag)
+            log.warning("message %s is back at the front of its queue", message.delivery_tag)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """The Python-level handler of the signals Stopper takes: its thread acts on them."""
 
 
 def _pin_threads(n: int) -> None:

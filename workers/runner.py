@@ -8,6 +8,7 @@ whose lease another live worker holds is skipped, so no sample runs twice at onc
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import signal
@@ -29,8 +30,11 @@ from fleet.error_policy import Action, decide
 from fleet.errors import PermanentError, Preempted
 from fleet.publisher import encode_message, kept_payload
 from fleet.settings import FleetSettings
+from workers import control_hooks
+from workers.confinement import ForbiddenOutput, confine
 from workers.jobs import JobRegistry
 from workers.jobs.base import JobContext
+from workers.journal import Journal
 from workers.model_cache import ModelCache
 
 log = logging.getLogger("fleet.worker")
@@ -74,8 +78,14 @@ class SampleRunner:
         self.current: Current | None = None
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # set when the worker is asked to stop (JobContext.stopping)
-        self.consecutive_errors = 0  # unexpected errors in a row; a broken worker stops (see _on_error)
-        self._torch_ready = False
+        # Distinct samples that failed in a row with errors fleet did not classify: several
+        # mean the worker, not the samples, is broken (see _on_error).
+        self.suspect_streak: list[str] = []
+        self.broken = False  # set when it stopped itself as broken (workers.main exits non-zero)
+        self.done_count = 0  # samples this process made (its heartbeat entry shows them)
+        self.failed_count = 0  # samples this process failed for good
+        self.allowed_roots = settings.allowed_output_roots()
+        self.journal = Journal(settings.state_dir / "journal" / f"{worker}.jsonl")
 
     def run(self, payload: object, queue: str) -> str:
         """Run one delivered payload; returns the outcome (done, failed, retried, skipped-*)."""
@@ -88,10 +98,19 @@ class SampleRunner:
             self._fail_raw(sid, payload, PermanentError(msg))
             return "failed"
         sid = task.sample_id
+        try:
+            confine(task.output_root, task.output_path, self.allowed_roots)
+        except ForbiddenOutput as e:
+            log.error("refused %s: %s", sid, e)
+            self._fail(task, e, final=True)
+            return "failed"
         if records.is_done(self.client, self.keys, sid, task.output_path):
             log.info("sample %s already done (%s); skipping duplicate delivery", sid, task.output_path)
             records.release(self.client, self.keys, sid)
             return "skipped-done"
+        gated = control_hooks.gate(self, task, queue)  # cancelled: skip; paused: park (fleet.control)
+        if gated is not None:
+            return gated
         token = uuid.uuid4().hex
         entry = RunningEntry(task=task.model_dump(by_alias=True), queue=queue, worker=self.worker, token=token,
                              started_at=time.time())
@@ -122,28 +141,25 @@ class SampleRunner:
         return JobContext(
             gpus=self.gpus, device=self.device, models=self.models,
             work_dir=Path(task.output_root) / WORK_DIR_NAME / task.sample_id,
-            stopping=self.stopping, attempt=task.attempt, on_report=on_report,
+            stopping=control_hooks.sample_stop(self, task.sample_id), attempt=task.attempt, on_report=on_report,
+            threads=self.settings.torch_threads,
         )
-
-    def _prepare_torch(self) -> None:
-        """Pin torch's threads once, before the first job imports it (small CPU hosts)."""
-        if not self._torch_ready:
-            import torch
-
-            torch.set_num_threads(self.settings.torch_threads)
-            self._torch_ready = True
 
     def _execute(self, task: TaskPayload, queue: str, deliveries: int) -> str:
         t0 = time.monotonic()
         log.info("start %s: %s %s (attempt %d)", task.sample_id, task.kind, task.label, task.attempt)
         try:
             job = self.jobs.job(task.kind)
-            self._prepare_torch()  # a broken torch install fails here, classified below
             outcome = job(task, self._context(task))
         except Exception as e:  # classified below; the worker itself must survive any sample
             return self._on_error(task, queue, e)
         with self.lock:
             reported = dict(self.current.metrics) if self.current is not None else {}
+        try:
+            st = os.stat(outcome.output_path)
+        except OSError as e:
+            return self._on_error(task, queue, RuntimeError(f"the job reported {outcome.output_path} but it is not "
+                                                            f"there: {e.strerror or e}"))
         record = CompletionRecord(
             sample_id=task.sample_id,
             experiment=task.experiment,
@@ -151,6 +167,7 @@ class SampleRunner:
             group=task.group,
             label=task.label,
             output_path=outcome.output_path,
+            output_bytes=-1 if os.path.isdir(outcome.output_path) else st.st_size,
             duration_s=round(time.monotonic() - t0, 4),
             worker=self.worker,
             hostname=self.hostname,
@@ -162,9 +179,11 @@ class SampleRunner:
             metrics={**reported, **outcome.metrics},
             finished_at=time.time(),
         )
-        self.consecutive_errors = 0
-        # The output is in place: a Redis restart must not make the worker forget it made it.
-        self._persist(lambda: records.complete(self.client, self.keys, record), f"the record of {task.sample_id}")
+        self.suspect_streak.clear()
+        self.done_count += 1
+        # The output is in place: a Redis outage must not make the worker forget it made it.
+        self._persist(lambda: records.complete(self.client, self.keys, record), f"the record of {task.sample_id}",
+                      "complete", record=record.model_dump_json(by_alias=True))
         log.info(
             "done %s in %.2fs (model %s) -> %s",
             task.sample_id, record.duration_s,
@@ -176,45 +195,60 @@ class SampleRunner:
         """Stop taking work: a warm shutdown (the current sample's outcome is recorded first);
         `fleet up`'s supervisor restarts the worker after a back-off."""
         log.error("worker %s looks broken (%s); stopping", self.worker, why)
+        self.broken = True
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def _persist(self, write: Callable[[], None], what: str) -> None:
-        """Run a Redis write, retrying through a Redis restart (up to redis_retry_s)."""
+    def _persist(self, write: Callable[[], None], what: str, op: str, **journal_args: object) -> None:
+        """Run a Redis write, retrying through a short Redis restart (redis_retry_s); past
+        that, keep it in the local journal, which the heartbeat replays once Redis is back."""
         deadline = time.monotonic() + self.redis_retry_s
         delay = 0.2
         while True:
             try:
+                if self.journal.pending():  # keep the order: what was journalled first goes first
+                    self.journal.replay(self.client, self.keys)
                 write()
                 return
             except (redis.ConnectionError, redis.TimeoutError) as e:
-                if time.monotonic() > deadline:
-                    raise
+                if time.monotonic() > deadline or self.stopping.is_set():
+                    self.journal.append(op, **journal_args)
+                    log.warning("cannot write %s (%s); kept in %s until Redis answers", what, e, self.journal.path)
+                    return
                 log.warning("cannot write %s (%s); retrying in %.1f s", what, e, delay)
                 time.sleep(delay)
-                delay = min(5.0, delay * 2)
+                delay = min(2.0, delay * 2)
 
-    redis_retry_s = 300.0  # how long a finished sample's record waits for Redis to come back
+    redis_retry_s = 10.0  # how long a write retries before it goes to the journal
 
     def _on_error(self, task: TaskPayload, queue: str, e: Exception) -> str:
+        if control_hooks.end_if_cancelled(self, task, e):  # fleet cancel: no retry, no failure record
+            return "cancelled"
         verdict = decide(e, task, queue, self.settings)
         if verdict.worker_suspect:
-            # Several unexpected errors in a row mean the worker, not the samples, is broken:
-            # it stops taking work rather than failing every sample of the queue.
-            self.consecutive_errors += 1
-            if self.consecutive_errors >= self.settings.max_consecutive_errors:
-                self.on_broken(f"{self.consecutive_errors} samples in a row failed with unexpected errors, "
+            # Unexpected errors of several different samples in a row mean the worker, not the
+            # samples, is broken: it stops taking work rather than failing the whole queue. The
+            # same sample failing again (a retry that came back here) is one sample.
+            if task.sample_id not in self.suspect_streak:
+                self.suspect_streak.append(task.sample_id)
+            n = len(self.suspect_streak)
+            if n >= self.settings.max_consecutive_errors and not self.broken:
+                self.on_broken(f"{n} samples in a row failed with unexpected errors, "
                                f"the last {type(e).__name__}: {e}")
         if verdict.action is not Action.FAIL and verdict.queue is not None:
             target = verdict.queue
             nxt = task.model_copy(update={"attempt": verdict.next_attempt})
             preempted = isinstance(e, Preempted)
             failure = None if preempted else self._failure(task, verdict.error, retrying=True)
-            msg = encode_message(nxt.to_json(), target, f"{task.label} (attempt {nxt.attempt})")
+            lst, step = control_hooks.republish_list(self, target, task.experiment)  # its priority's list
+            msg = encode_message(nxt.to_json(), target, f"{task.label} (attempt {nxt.attempt})", priority=step)
             queued = records.queued_value(task.experiment, task.group)
+            kept = kept_payload(target, nxt.to_json())
             self._persist(
-                lambda: records.requeue(self.client, self.keys, task.sample_id, target, msg, queued, failure,
-                                        kept_payload(target, nxt.to_json()), keep_deliveries=preempted),
-                f"the retry of {task.sample_id}",
+                lambda: records.requeue(self.client, self.keys, task.sample_id, lst, msg, queued, failure,
+                                        kept, keep_deliveries=preempted),
+                f"the retry of {task.sample_id}", "requeue", sample_id=task.sample_id, queue=lst,
+                message=base64.b64encode(msg).decode(), queued=queued, payload=kept, keep_deliveries=preempted,
+                failure=failure.model_dump_json(by_alias=True) if failure is not None else None,
             )
             log.warning("%s %s (attempt %d -> %d) on %s: %s", "requeue" if preempted else "retry",
                         task.sample_id, task.attempt, nxt.attempt, target, e)
@@ -243,15 +277,23 @@ class SampleRunner:
 
     def _fail(self, task: TaskPayload, e: BaseException, final: bool) -> None:
         failure = self._failure(task, e)
-        sid = task.sample_id
-        self._persist(lambda: records.fail(self.client, self.keys, failure, final=final), f"the failure of {sid}")
-        records.release(self.client, self.keys, sid)
+        self._record_failure(failure, final)
+
+    def _record_failure(self, failure: FailureRecord, final: bool) -> None:
+        sid = failure.sample_id
+        if final:
+            self.failed_count += 1
+
+        def write() -> None:
+            records.fail(self.client, self.keys, failure, final=final)
+            records.release(self.client, self.keys, sid)
+
+        self._persist(write, f"the failure of {sid}", "fail", failure=failure.model_dump_json(by_alias=True),
+                      final=final)
 
     def _fail_raw(self, sid: str, payload: object, e: BaseException) -> None:
         """The failure of a payload that is not a valid task: recorded under what it says of itself."""
         d = payload if isinstance(payload, dict) else {}
         failure = self._failure_record(sid, str(d.get("experiment", "?")), str(d.get("kind", "?")),
                                        str(d.get("group", "?")), str(d.get("label", "")), e, 1, False)
-        self._persist(lambda: records.fail(self.client, self.keys, failure, final=True), f"the failure of {sid}")
-        if isinstance(payload, dict):
-            records.release(self.client, self.keys, sid)
+        self._record_failure(failure, final=True)

@@ -27,10 +27,19 @@ class Sample:
     body: dict[str, Any]
     memory_mib: int = 0  # declared GPU memory need
     gpus: int = 1  # GPUs one sample holds; 0 = CPU only
+    # Ids the same sample had under an earlier id scheme (only when PlanContext.legacy_ids):
+    # a record under one of them, with the file in place, counts as done.
+    aliases: tuple[str, ...] = ()
 
 
 class Experiment(Protocol):
-    """What the core reads of a loaded experiment of any kind."""
+    """What the core reads of a loaded experiment of any kind.
+
+    ``priority`` is optional: low | normal | high | urgent (fleet.priority). The core reads
+    it as ``getattr(exp, "priority", "normal")``, so a kind without it runs at normal.
+    """
+
+    priority: str = "normal"
 
     @property
     def path(self) -> Path: ...  # the experiment file, absolute
@@ -78,6 +87,7 @@ class PlanContext:
 
     client: redis.Redis | None = None
     keys: Keys | None = None
+    legacy_ids: bool = False  # the namespace holds records from before ids included the output root
 
     def cache(self, kind: str, name: str) -> KindCache:
         return KindCache(self.client, self.keys, kind, name)
@@ -93,7 +103,11 @@ class Kind(Protocol):
         ...
 
     def plan(self, exp: Any, groups: list[str] | None, ctx: PlanContext) -> Plan:
-        """Every sample (of ``groups`` when given), deterministic ids; InputError on bad input."""
+        """Every sample (of ``groups`` when given); InputError on bad input.
+
+        A sample's id is deterministic over everything that decides its output, the
+        output root (or path) included: two experiments writing to different folders
+        must not share an id (docs/ARCHITECTURE.md, "Sample identity")."""
         ...
 
     def check(self, plan: Plan, todo: list[Sample], ctx: PlanContext) -> None:

@@ -82,6 +82,7 @@ class GpuFleet:
         paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         env["PYTHONPATH"] = os.pathsep.join(paths + [str(REPO)])
         env.update(FLEET_BROKER_URL=self.url, FLEET_NAMESPACE=self.namespace, FLEET_STATE_DIR=str(self.tmp / "state"),
+                   FLEET_OUTPUT_ROOTS=json.dumps([str(self.tmp)]),  # the workers may write the test's outputs
                    FLEET_HEARTBEAT_S="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         return env
 

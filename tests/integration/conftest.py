@@ -66,7 +66,8 @@ class Fleet:
 
     def env(self, **extra: str) -> dict[str, str]:
         return fleet_env({"FLEET_BROKER_URL": self.url, "FLEET_NAMESPACE": self.namespace,
-                          "FLEET_STATE_DIR": str(self.tmp / "state"), **extra})
+                          "FLEET_STATE_DIR": str(self.tmp / "state"), "FLEET_OUTPUT_ROOTS": json.dumps([str(self.tmp)]),
+                          **extra})
 
     def fleet(self, *args: str, check: bool = False, **extra: str) -> subprocess.CompletedProcess:
         """Run the `fleet` CLI in a subprocess; returns the completed process (text)."""
@@ -288,7 +289,7 @@ class LocalFleet:
         return redis.Redis.from_url(self.broker_url, socket_connect_timeout=2, socket_timeout=10)
 
     def env(self, **extra: str) -> dict[str, str]:
-        return fleet_env({"FLEET_STATE_DIR": str(self.state), "FLEET_EMBEDDED_REDIS_PORT": str(self.redis_port),
+        return fleet_env({"FLEET_OUTPUT_ROOTS": json.dumps([str(self.tmp)]), "FLEET_STATE_DIR": str(self.state), "FLEET_EMBEDDED_REDIS_PORT": str(self.redis_port),
                           "FLEET_FLOWER_PORT": str(self.flower_port), "FLEET_NAMESPACE": self.namespace, **extra})
 
     def fleet(self, *args: str, check: bool = False, timeout_s: float = 120, **extra: str) -> subprocess.CompletedProcess:

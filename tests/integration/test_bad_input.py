@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fleet.contract import queue_name
+from fleet.priority import queue_length, queue_lists
 from tests.integration.conftest import Fleet
 
 pytestmark = pytest.mark.integration
@@ -20,7 +21,7 @@ def rejected(f: Fleet, exp: Path, must_name: str | Path, fault: str, *args: str)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert str(must_name) in lines[0] and fault in lines[0], lines[0]
-    assert f.client.llen(queue_name(f.namespace, "gpu")) == 0
+    assert queue_length(f.client, queue_name(f.namespace, "gpu")) == 0
     assert f.client.hlen(f.keys.queued) == 0
     return lines[0]
 
@@ -95,13 +96,45 @@ def test_dry_run_publishes_nothing(fleet_ns: Fleet, video_experiment) -> None:
     exp = video_experiment()
     d = json.loads(fleet_ns.fleet("enqueue", str(exp), "--dry-run", "--json", check=True).stdout)
     assert d["planned"] == 4 and d["enqueued"] == 0 and len(d["would_enqueue"]) == 4
-    assert fleet_ns.client.llen(queue_name(fleet_ns.namespace, "gpu")) == 0
+    assert queue_length(fleet_ns.client, queue_name(fleet_ns.namespace, "gpu")) == 0
 
 
 def test_a_purged_queue_does_not_leave_samples_in_flight_forever(fleet_ns: Fleet, video_experiment) -> None:
     exp = video_experiment()
     assert fleet_ns.enqueue(exp)["enqueued"] == 4
-    fleet_ns.client.delete(queue_name(fleet_ns.namespace, "gpu"))  # `celery purge`, or a lost queue
+    fleet_ns.client.delete(*queue_lists(queue_name(fleet_ns.namespace, "gpu")))  # `celery purge`, or a lost queue
     again = fleet_ns.enqueue(exp)
     assert (again["in_flight"], again["enqueued"]) == (0, 4)
     assert fleet_ns.enqueue(exp)["in_flight"] == 4  # and the marks are right again
+
+
+@pytest.mark.parametrize("seeds, fault", [([2**64], "outside 0 .. 2**64-1"), ([True], "seeds.0"), ([-1], "outside")])
+def test_seeds_the_generator_cannot_take(fleet_ns: Fleet, video_experiment, seeds: list, fault: str) -> None:
+    exp = video_experiment(seeds=seeds)
+    rejected(fleet_ns, exp, exp, fault)
+
+
+def test_empty_dataset_or_category_and_a_dataset_that_is_a_file(fleet_ns: Fleet, video_experiment) -> None:
+    exp = video_experiment(videos={"c": ["v1"]})
+    (exp.parent / "dataset" / "empty one").mkdir()
+    rejected(fleet_ns, exp, exp.parent / "dataset" / "empty one", "has no videos")
+    (exp.parent / "dataset" / "empty one").rmdir()
+    (exp.parent / "a file").write_text("not a folder")
+    exp = video_experiment(videos={"c": ["v1"]}, dataset="a file")
+    rejected(fleet_ns, exp, exp, "is a file")
+    (exp.parent / "nothing").mkdir()
+    exp = video_experiment(videos={"c": ["v1"]}, dataset="nothing")
+    rejected(fleet_ns, exp, exp.parent / "nothing", "no category folders")
+
+
+def test_model_file_named_in_model_json_is_missing(fleet_ns: Fleet, video_experiment) -> None:
+    exp = video_experiment()
+    (exp.parent / "model" / "vae.safetensors").unlink()
+    rejected(fleet_ns, exp, exp.parent / "model" / "vae.safetensors", "model.vae: file")
+
+
+def test_output_folder_that_cannot_be_created(fleet_ns: Fleet, video_experiment) -> None:
+    exp = video_experiment()
+    (exp.parent / "blocker").write_text("a file where the output folder's parent should be")
+    exp = video_experiment(output="blocker/out")
+    rejected(fleet_ns, exp, exp, "output: cannot create")

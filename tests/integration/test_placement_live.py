@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fleet.contract import CompletionRecord, WorkerEntry
+from fleet.priority import queue_length
 from tests.integration.conftest import LocalFleet, pid_gone, wait_for
 
 pytestmark = pytest.mark.integration
@@ -100,7 +101,7 @@ def test_multi_gpu_work_goes_first_on_a_group_worker(local_fleet: LocalFleet, vi
     multi = video_experiment(videos={"two": ["m"]}, prompts={"*": ["y", "z"]}, gpus_per_sample=2,
                              root=tmp_path / "multi")
     assert f.enqueue(multi)["enqueued"] == 2
-    assert f.client.llen("fleet.q.gpus2") == 2
+    assert queue_length(f.client, "fleet.q.gpus2") == 2  # every priority list (fleet.priority)
     # The single-GPU workers make way (after their sample); a worker holding both GPUs takes the work.
     wait_for(lambda: sum(r.gpus == [0, 1] for r in records(f)) == 2, 120, "both 2-GPU samples done")
     assert {r.worker for r in records(f)} == {f"gpus0-1@{HOST}"}

@@ -79,8 +79,9 @@ def test_a_message_redis_lost_is_published_again(fleet_ns: Fleet, video_experime
     exp = video_experiment(videos={"c": ["a", "b"]}, prompts={"*": ["x"]})
     assert fleet_ns.enqueue(exp)["enqueued"] == 2
     from fleet.contract import queue_name
+    from fleet.priority import NORMAL_STEP, priority_list
 
-    assert fleet_ns.client.rpop(queue_name(fleet_ns.namespace, "gpu")) is not None
+    assert fleet_ns.client.rpop(priority_list(queue_name(fleet_ns.namespace, "gpu"), NORMAL_STEP)) is not None
     fleet_ns.start_worker(0)
     wait_for(lambda: fleet_ns.done_count() == 2, 120, "both samples, the lost one included")
     log = next(fleet_ns.tmp.glob("worker0-*.log")).read_text(errors="replace")

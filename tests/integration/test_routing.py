@@ -12,6 +12,7 @@ import pytest
 
 from fleet.contract import FailureRecord, TaskPayload, queue_name
 from fleet.errors import GpuOutOfMemory, InputError
+from fleet.priority import queue_length, queue_lists
 from fleet.publisher import encode_message
 from fleet.records import RunningEntry
 from fleet.settings import load_settings
@@ -25,7 +26,7 @@ def queue_ids(f: Fleet, need: str) -> list[dict]:
     import base64
 
     out = []
-    for raw in f.client.lrange(queue_name(f.namespace, need), 0, -1):
+    for raw in [m for lst in queue_lists(queue_name(f.namespace, need)) for m in f.client.lrange(lst, 0, -1)]:
         body = json.loads(base64.b64decode(json.loads(raw)["body"]))
         out.append(body[0][0])
     return out
@@ -39,7 +40,7 @@ def test_pinned_categories_and_memory_classes_route_to_their_queues(fleet_ns: Fl
     assert json.loads(r.stdout)["enqueued"] == 4
     assert {p["group"] for p in queue_ids(fleet_ns, "pin.0-1")} == {"镜头 运动"}
     assert {p["group"] for p in queue_ids(fleet_ns, "mem48000")} == {"other"}
-    assert fleet_ns.client.llen(queue_name(fleet_ns.namespace, "gpu")) == 0
+    assert queue_length(fleet_ns.client, queue_name(fleet_ns.namespace, "gpu")) == 0
 
 
 def test_a_need_no_class_can_hold_is_refused_before_publishing(fleet_ns: Fleet, video_experiment) -> None:
@@ -67,10 +68,9 @@ def runner_for(fleet_ns: Fleet, monkeypatch: pytest.MonkeyPatch):
             return lambda task, ctx: self.the_job(task)
 
     def make(job, classes: list[int] | None = None, **settings: object) -> SampleRunner:
-        s = load_settings(broker_url=fleet_ns.url, namespace=fleet_ns.namespace,
-                          memory_classes_mib=classes or [], **settings)
+        s = load_settings(broker_url=fleet_ns.url, namespace=fleet_ns.namespace, output_roots=[fleet_ns.tmp],
+                          state_dir=fleet_ns.tmp / "state", memory_classes_mib=classes or [], **settings)
         r = SampleRunner(s, fleet_ns.client, f"gpu0@{socket.gethostname()}", (0,), "cuda", jobs=OneJob(job))
-        monkeypatch.setattr(r, "_prepare_torch", lambda: None)
         return r
 
     return make
@@ -121,7 +121,7 @@ def test_bad_input_fails_at_once_without_retry(fleet_ns: Fleet, runner_for, tmp_
     f = failure(fleet_ns, "s" * 32)
     assert (f.error_type, f.retryable, f.attempt) == ("InputError", False, 1)
     assert "moov atom not found" in f.traceback_tail
-    assert fleet_ns.client.llen(queue_name(fleet_ns.namespace, "gpu")) == 0
+    assert queue_length(fleet_ns.client, queue_name(fleet_ns.namespace, "gpu")) == 0
     st = json.loads(fleet_ns.fleet("status", "--json", "--failed", check=True).stdout)
     assert st["failed"] == 1 and st["by_group"]["c"]["failed"] == 1
     assert [(x["error_type"], x["sample_id"]) for x in st["failures"]] == [("InputError", "s" * 32)]

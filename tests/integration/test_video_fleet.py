@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fleet.contract import CompletionRecord, queue_name
+from fleet.priority import queue_length
 from tests.integration.conftest import Fleet, wait_for
 from tests.media import read_frames
 
@@ -25,7 +26,7 @@ def test_end_to_end_incremental(fleet_ns: Fleet, video_experiment) -> None:
     exp = video_experiment(videos={"cat a": ["v1", "视频 二"], "camera_motion": ["dolly"]})
     first = fleet_ns.enqueue(exp)
     assert first == {"planned": 6, "done": 0, "in_flight": 0, "enqueued": 6}
-    assert fleet_ns.client.llen(queue_name(fleet_ns.namespace, "gpu")) == 6
+    assert queue_length(fleet_ns.client, queue_name(fleet_ns.namespace, "gpu")) == 6  # every priority list
     # Enqueued again before any worker runs: all in flight, nothing published twice.
     assert fleet_ns.enqueue(exp) == {"planned": 6, "done": 0, "in_flight": 6, "enqueued": 0}
 

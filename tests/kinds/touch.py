@@ -29,6 +29,9 @@ class Item(BaseModel):
     name: str = Field(min_length=1, pattern=r"^[^/\\]+$")
     text: str = ""
     sleep_s: float = Field(0.0, ge=0)
+    ignore_stop: bool = False  # a job that does not honour JobContext.stopping: it sleeps on through a warm shutdown
+    fail: str = ""  # the job raises RuntimeError(fail): an error fleet does not classify (a broken worker's)
+    group: str = "items"  # what status counts it under (and --group selects)
 
 
 class TouchExperiment(BaseModel):
@@ -38,6 +41,7 @@ class TouchExperiment(BaseModel):
     items: list[Item] = Field(min_length=1)
     output: Path
     path: Path
+    priority: str = "normal"  # low | normal | high | urgent (fleet.priority)
 
 
 class TouchKind:
@@ -47,16 +51,18 @@ class TouchKind:
         try:
             out = path.resolve().parent / str(data.get("output", "out"))
             return TouchExperiment(name=data.get("name", path.stem), items=data.get("items", []),
-                                   output=out.resolve(), path=path.resolve())
+                                   output=out.resolve(), path=path.resolve(), priority=data.get("priority", "normal"))
         except ValidationError as e:
             raise InputError(f"{path}: {e.errors()[0]['msg']}") from None
 
     def plan(self, exp: TouchExperiment, groups: list[str] | None, ctx: PlanContext) -> Plan:
         samples = []
         for it in exp.items:
-            sid = hashlib.sha256(json.dumps(["touch", it.name, it.text]).encode()).hexdigest()[:32]
-            samples.append(Sample(sid, "items", f"touch {it.name}", str(exp.output / f"{it.name}.txt"),
-                                  {"text": it.text, "sleep_s": it.sleep_s}, 0, 0))
+            if groups and it.group not in groups:
+                continue
+            sid = hashlib.sha256(json.dumps(["touch", str(exp.output), it.name, it.text]).encode()).hexdigest()[:32]
+            samples.append(Sample(sid, it.group, f"touch {it.name}", str(exp.output / f"{it.name}.txt"),
+                                  {"text": it.text, "sleep_s": it.sleep_s, "ignore_stop": it.ignore_stop, "fail": it.fail}, 0, 0))
         return Plan(exp, samples, {"greeting": "hello"})
 
     def check(self, plan: Plan, todo: list[Sample], ctx: PlanContext) -> None:
@@ -74,8 +80,10 @@ def run(task, ctx):  # (TaskPayload, JobContext) -> JobOutcome
     if p["sleep_s"] and not marker.exists():
         marker.write_text(str(os.getpid()))
         deadline = time.monotonic() + p["sleep_s"]
-        while time.monotonic() < deadline and not ctx.stopping.is_set():
+        while time.monotonic() < deadline and (p.get("ignore_stop") or not ctx.stopping.is_set()):
             time.sleep(0.05)
+    if p.get("fail"):
+        raise RuntimeError(p["fail"])
     ctx.report(progress=1.0, wrote_bytes=len(p["text"]))
     out = Path(task.output_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -61,3 +61,16 @@ def test_pinned_and_multi_gpu_samples_are_not_moved_on_oom() -> None:
 def test_preemption_goes_back_as_the_same_attempt_even_at_the_last_one() -> None:
     v = decide(Preempted("worker stopping"), task(attempt=3), "t.q.gpu", settings(max_attempts=3))
     assert (v.action, v.queue, v.next_attempt, v.worker_suspect) == (Action.RETRY, "t.q.gpu", 3, False)
+
+
+@pytest.mark.parametrize("code", [13, 30, 20, 36])  # EACCES, EROFS, ENOTDIR, ENAMETOOLONG
+def test_an_output_the_file_system_refuses_is_the_samples_fault(code: int) -> None:
+    err = PermissionError(code, "Permission denied", "/o/x.mp4") if code == 13 else OSError(code, "refused", "/o/x.mp4")
+    v = decide(err, task(), "t.q.gpu", settings())
+    assert (v.action, v.worker_suspect) == (Action.FAIL, False)
+    assert isinstance(v.error, InputError) and "/o/x.mp4" in str(v.error)
+
+
+def test_a_full_disk_is_not_the_samples_fault() -> None:
+    v = decide(OSError(28, "No space left on device"), task(), "t.q.gpu", settings())
+    assert (v.action, v.worker_suspect) == (Action.RETRY, True)

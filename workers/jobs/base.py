@@ -36,7 +36,9 @@ class JobContext:
     "cpu"); ``models``: the worker's resident-model cache; ``work_dir``: a folder stable
     across attempts and workers for this sample (checkpoints), created on first use;
     ``stopping``: set when the worker is asked to stop (a long job checkpoints and
-    raises fleet.errors.Preempted); ``attempt``: this attempt's number (1 = first).
+    raises fleet.errors.Preempted); ``attempt``: this attempt's number (1 = first);
+    ``threads``: CPU threads its torch may use (a job that imports torch pins them with
+    ``pin_torch_threads``, so a worker of other kinds never imports torch).
     """
 
     gpus: tuple[int, ...]
@@ -45,6 +47,7 @@ class JobContext:
     work_dir: Path
     stopping: threading.Event
     attempt: int = 1
+    threads: int = 1  # CPU threads a job's torch may use (the settings' torch_threads)
     on_report: Callable[[float | None, dict[str, MetricValue]], None] | None = None
 
     def report(self, progress: float | None = None, **metrics: MetricValue) -> None:
@@ -55,3 +58,17 @@ class JobContext:
     def ensure_work_dir(self) -> Path:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         return self.work_dir
+
+
+def pin_torch_threads(n: int) -> None:
+    """torch.set_num_threads(n), once per process: torch on a small CPU host spreads every
+    call over all cores and several workers slow each other 10-50x."""
+    global _pinned
+    if _pinned != n:
+        import torch
+
+        torch.set_num_threads(n)
+        _pinned = n
+
+
+_pinned: int | None = None

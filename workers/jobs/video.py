@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from fleet.contract import TaskPayload
 from fleet.errors import GpuOutOfMemory, InputError
 from fleet.kinds.video.spec import VideoParams
-from workers.jobs.base import JobContext, JobOutcome
+from workers.jobs.base import JobContext, JobOutcome, pin_torch_threads
 from workers.model_cache import release_cuda_memory
 from workers.reference_video import load_frames
 from workers.wan_model import is_out_of_memory, load_pipeline
@@ -161,6 +161,7 @@ def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:
     other errors propagate.
     """
     start = time.perf_counter()
+    pin_torch_threads(ctx.threads)
     p = params_of(task)
     _check_shape(task, p)  # before loading: a bad task must not cost a model load
     final = Path(task.output_path)

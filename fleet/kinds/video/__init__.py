@@ -25,8 +25,10 @@ class VideoKind:
         return plan_experiment(exp, groups, ctx)
 
     def check(self, plan: Plan, todo: list[Sample], ctx: PlanContext) -> None:
-        from fleet.kinds.video.planner import check_videos
+        from fleet.kinds.video.planner import check_model_files, check_videos
 
+        if todo:
+            check_model_files(plan.experiment)
         check_videos(plan, todo, ctx)
 
 

@@ -24,12 +24,14 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from fleet.errors import InputError
 from fleet.kinds.video.spec import ModelSpec
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm")
+# torch.Generator.manual_seed takes 0 .. 2**64 - 1 (diffsynth seeds its noise with it)
+SEED_MAX = 2**64 - 1
 
 
 class ModelEntry(BaseModel):
@@ -63,7 +65,7 @@ class VideoExperiment(BaseModel):
     name: str | None = Field(None, min_length=1)
     dataset: str
     prompts: str
-    seeds: list[int] = Field(min_length=1)
+    seeds: list[StrictInt] = Field(min_length=1, description="Integers 0 .. 2**64-1 (no booleans)")
     categories: list[str] | None = Field(None, description="Only these categories (default: every folder)")
     mode: Literal["t2v", "motion"] = "motion"
     denoising_strength: float = Field(0.7, ge=0.0, le=1.0)
@@ -77,6 +79,8 @@ class VideoExperiment(BaseModel):
     tiled: bool = True
     memory_mib: int | None = Field(None, ge=0, description="GPU memory a sample needs (default: the model's)")
     gpus_per_sample: int = Field(1, ge=1, le=16, description="GPUs one sample holds (a worker started with --gpus)")
+    priority: Literal["low", "normal", "high", "urgent"] = Field(
+        "normal", description="Which of its queues' priority lists its samples wait in (fleet.priority)")
     model: ModelEntry
     output: str | None = Field(None, description="Output root (default: the settings' output_dir/<name>, else results/)")
 
@@ -99,6 +103,9 @@ class VideoExperiment(BaseModel):
     def _unique_seeds(cls, v: list[int]) -> list[int]:
         if len(set(v)) != len(v):
             raise ValueError("seeds repeat")
+        bad = [s for s in v if not 0 <= s <= SEED_MAX]
+        if bad:
+            raise ValueError(f"seed {bad[0]} is outside 0 .. 2**64-1 (what torch's generator accepts)")
         return v
 
 
@@ -116,6 +123,7 @@ class LoadedExperiment(BaseModel):
     output: Path
     model: ModelSpec
     memory_mib: int
+    priority: str = "normal"  # low | normal | high | urgent (fleet.priority); not part of any sample id
 
 
 def _resolve(base: Path, p: str) -> Path:
@@ -173,6 +181,8 @@ def load_video_experiment(path: Path, data: dict[str, Any], default_output: Path
     base = path.resolve().parent
     model, model_memory = _model_spec(path, base, spec.model)
     dataset = _resolve(base, spec.dataset).resolve()
+    if dataset.exists() and not dataset.is_dir():
+        raise InputError(f"{path}: dataset: {dataset} is a file; give the folder of category folders")
     if not dataset.is_dir():
         raise InputError(f"{path}: dataset: folder {dataset} not found")
     prompts = _resolve(base, spec.prompts).resolve()
@@ -190,4 +200,5 @@ def load_video_experiment(path: Path, data: dict[str, Any], default_output: Path
         output=output.resolve(),
         model=model,
         memory_mib=spec.memory_mib if spec.memory_mib is not None else (model_memory or 0),
+        priority=spec.priority,
     )

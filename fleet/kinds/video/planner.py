@@ -23,7 +23,7 @@ from typing import Any
 from fleet.errors import InputError
 from fleet.kinds.base import KindCache, Plan, PlanContext, Sample
 from fleet.kinds.video.dataset import ReferenceVideo, scan_dataset
-from fleet.kinds.video.experiment import LoadedExperiment
+from fleet.kinds.video.experiment import VIDEO_SUFFIXES, LoadedExperiment
 from fleet.kinds.video.prompts import load_prompts
 from fleet.kinds.video.video_file import content_id, probe
 
@@ -34,12 +34,19 @@ PROBE_OK = "ok"
 _OUTPUT_FIELDS = ("mode", "width", "height", "frames", "fps", "steps", "cfg_scale", "negative_prompt", "tiled")
 
 
-def _common_fields(exp: LoadedExperiment) -> dict:
-    """What every sample of the experiment shares that decides its output (part of its id)."""
+def _common_fields(exp: LoadedExperiment, legacy: bool = False) -> dict:
+    """What every sample of the experiment shares that decides its output (part of its id).
+
+    The output root is part of it: two experiments with the same parameters writing to
+    different folders make two samples, each its own file. ``legacy``: without it, the id
+    samples had before (records written then still count: see fleet.kinds.base.Sample.aliases).
+    """
     s = exp.spec
     common = {"kind": "video", "model": exp.model.identity(), **{f: getattr(s, f) for f in _OUTPUT_FIELDS}}
     if s.mode == "motion":
         common["denoising_strength"] = s.denoising_strength
+    if not legacy:
+        common["output"] = str(exp.output)
     return common
 
 
@@ -67,6 +74,12 @@ def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None, 
         if outside:
             raise InputError(f"{exp.path}: category {outside[0]!r} is not among the experiment's categories")
     by_cat = scan_dataset(exp.dataset, only)
+    if not by_cat:
+        raise InputError(f"{exp.dataset}: no category folders (expected <dataset>/<category>/<video>.mp4)")
+    empty = [c for c, vs in by_cat.items() if not vs]
+    if empty:
+        raise InputError(f"{exp.dataset / empty[0]}: category {empty[0]!r} has no videos "
+                         f"({', '.join(VIDEO_SUFFIXES)})")
     prompts = load_prompts(exp.prompts)
     _check_prompt_names(exp, prompts, scan_dataset(exp.dataset) if only else by_cat)
 
@@ -75,6 +88,7 @@ def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None, 
     video_cid = dict(zip((str(v.path) for v in videos), cids))
 
     common = hashlib.sha256(json.dumps(_common_fields(exp), sort_keys=True).encode()).hexdigest()
+    old = hashlib.sha256(json.dumps(_common_fields(exp, legacy=True), sort_keys=True).encode()).hexdigest()
     motion = s.mode == "motion"
     # The id of a sample is sha256 over json.dumps([common, cat, video, cid, prompt, prompt_index],
     # ensure_ascii=False) followed by the seed: the JSON is assembled from its parts, each
@@ -86,6 +100,7 @@ def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None, 
     prompt_json: dict[str, str] = {}
     out_root, size = str(exp.output), f"_{s.width}x{s.height}"
     mem, gpus = exp.memory_mib, s.gpus_per_sample
+    legacy = ctx.legacy_ids
     samples: list[Sample] = []
     append = samples.append
     for cat, vids in by_cat.items():
@@ -97,20 +112,28 @@ def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None, 
             vpath = str(v.path)
             cid = video_cid[vpath] if motion else ""
             folder = os.path.join(cat_dir, f"ref_{v.name}{size}") + os.sep  # str(exp.output / cat / f"ref_...") + "/"
-            head_video = f"[{enc(common)}, {enc(cat)}, {enc(v.name)}, {enc(cid)}, "
+            tail_video = f"{enc(cat)}, {enc(v.name)}, {enc(cid)}, "
+            head_video = f"[{enc(common)}, {tail_video}"
+            old_video = f"[{enc(old)}, {tail_video}"
             label_video = f"{cat}/{v.name} seed "
             for pi, prompt in enumerate(plist):
                 pj = prompt_json.get(prompt)
                 if pj is None:
                     pj = prompt_json[prompt] = enc(prompt)
                 head = sha256(f"{head_video}{pj}, {pi}]".encode())
+                old_head = sha256(f"{old_video}{pj}, {pi}]".encode()) if legacy else None
                 for seed, seed_b, stem in seeds:
                     h = head.copy()
                     h.update(seed_b)
+                    aliases: tuple[str, ...] = ()
+                    if old_head is not None:
+                        o = old_head.copy()
+                        o.update(seed_b)
+                        aliases = (o.hexdigest()[:32],)
                     body = {"category": cat, "video": v.name, "video_path": vpath, "prompt": prompt,
                             "prompt_index": pi, "seed": seed}
                     append(Sample(h.hexdigest()[:32], cat, f"{label_video}{seed} prompt {pi}",
-                                  f"{folder}{stem}{pi}.mp4", body, mem, gpus))
+                                  f"{folder}{stem}{pi}.mp4", body, mem, gpus, aliases))
     return Plan(exp, samples, shared_params(exp), extra=video_cid)
 
 
@@ -156,6 +179,16 @@ def _check_prompt_names(exp: LoadedExperiment, prompts, by_cat: dict[str, list[R
         if (video not in anywhere) if cat is None else ((cat, video) not in names):
             where = f"{exp.dataset}" if cat is None else f"{exp.dataset / cat}"
             raise InputError(f"{exp.prompts}: names video {video!r}, which is not in {where}")
+
+
+def check_model_files(exp: LoadedExperiment) -> None:
+    """Every model file the workers will load exists (as this host sees the shared paths)."""
+    m = exp.model
+    for key, path in [*(("dit", d) for d in m.dit), ("text_encoder", m.text_encoder), ("vae", m.vae)]:
+        if not Path(path).is_file():
+            raise InputError(f"{exp.path}: model.{key}: file {path} not found (model {m.name!r})")
+    if not Path(m.tokenizer).is_dir():
+        raise InputError(f"{exp.path}: model.tokenizer: folder {m.tokenizer} not found (model {m.name!r})")
 
 
 def check_videos(plan: Plan, todo: list[Sample], ctx: PlanContext) -> None:

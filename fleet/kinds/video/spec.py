@@ -40,7 +40,7 @@ class VideoParams(BaseModel):
     prompt: str
     prompt_index: int = Field(ge=0)
     negative_prompt: str = ""
-    seed: int
+    seed: int = Field(ge=0, le=2**64 - 1)
     mode: Literal["t2v", "motion"]
     denoising_strength: float = Field(ge=0.0, le=1.0)
     width: int = Field(gt=0)
