@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-# Torch on a small machine: one thread per process, or calls slow down 10-50x (DESIGN §4).
+# Torch on a small machine: one thread per process, or calls slow down 10-50x (docs/ARCHITECTURE.md, "Workers").
 # Set before anything imports torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
