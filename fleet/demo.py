@@ -139,4 +139,6 @@ def run_demo(settings: FleetSettings, directory: Path, n_workers: int) -> None:
             raise FleetError(f"demo: {d['failed']} samples failed; see `fleet status` and {settings.logs}")
     finally:
         click.echo(down(settings))
-    click.echo(f"go on with: fleet enqueue {exp_path}")
+    # The demo's fleet is down again: the next step starts one (from a folder that holds the
+    # demo's outputs, or with output_roots set, or its workers refuse to write them).
+    click.echo(f"go on with: fleet up && fleet enqueue {exp_path}")
