@@ -7,6 +7,7 @@ sample's ``body``: it hashes nothing, routes by ``gpus`` and ``memory_mib``, cou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,20 +17,60 @@ import redis
 from fleet.contract import Keys
 
 
-@dataclass(frozen=True, slots=True)
 class Sample:
-    """One planned sample. ``body`` is the kind's per-sample parameters (JSON-able)."""
+    """One planned sample. ``body`` is the kind's per-sample parameters (JSON-able).
 
-    sample_id: str  # deterministic over everything that decides the output
-    group: str  # what status counts it under (category, CSV, grid)
-    label: str  # short human description
-    output_path: str  # absolute; done = record + this file
-    body: dict[str, Any]
-    memory_mib: int = 0  # declared GPU memory need
-    gpus: int = 1  # GPUs one sample holds; 0 = CPU only
-    # Ids the same sample had under an earlier id scheme (only when PlanContext.legacy_ids):
-    # a record under one of them, with the file in place, counts as done.
-    aliases: tuple[str, ...] = ()
+    A kind may build a sample ``deferred``: its label and body are then made by
+    ``describe(detail)`` the first time they are read. The core reads them only for the
+    samples it publishes, so a re-plan of 100,000 done samples does not build 100,000 dicts.
+    """
+
+    __slots__ = ("sample_id", "group", "output_path", "memory_mib", "gpus", "aliases", "_label", "_body",
+                 "_describe", "_detail")
+
+    def __init__(self, sample_id: str, group: str, label: str, output_path: str, body: dict[str, Any],
+                 memory_mib: int = 0, gpus: int = 1, aliases: tuple[str, ...] = ()) -> None:
+        self.sample_id = sample_id  # deterministic over everything that decides the output
+        self.group = group  # what status counts it under (category, CSV, grid)
+        self.output_path = output_path  # absolute; done = record + this file
+        self.memory_mib = memory_mib  # declared GPU memory need
+        self.gpus = gpus  # GPUs one sample holds; 0 = CPU only
+        # Ids the same sample had under an earlier id scheme (only when PlanContext.legacy_ids):
+        # a record under one of them, with the file in place, counts as done.
+        self.aliases = aliases
+        self._label: str | None = label  # short human description
+        self._body: dict[str, Any] | None = body
+        self._describe: Callable[[Any], tuple[str, dict[str, Any]]] | None = None
+        self._detail: Any = None
+
+    @classmethod
+    def deferred(cls, sample_id: str, group: str, output_path: str, memory_mib: int, gpus: int,
+                 aliases: tuple[str, ...], describe: Callable[[Any], tuple[str, dict[str, Any]]],
+                 detail: Any) -> Sample:
+        """A sample whose (label, body) is ``describe(detail)``, made when first read."""
+        smp = cls.__new__(cls)
+        smp.sample_id, smp.group, smp.output_path = sample_id, group, output_path
+        smp.memory_mib, smp.gpus, smp.aliases = memory_mib, gpus, aliases
+        smp._label = smp._body = None
+        smp._describe, smp._detail = describe, detail
+        return smp
+
+    def _made(self) -> None:
+        if self._body is None and self._describe is not None:
+            self._label, self._body = self._describe(self._detail)
+
+    @property
+    def label(self) -> str:
+        self._made()
+        return self._label or ""
+
+    @property
+    def body(self) -> dict[str, Any]:
+        self._made()
+        return self._body if self._body is not None else {}
+
+    def __repr__(self) -> str:
+        return f"Sample({self.sample_id!r}, group={self.group!r}, output_path={self.output_path!r})"
 
 
 class Experiment(Protocol):

@@ -103,6 +103,7 @@ def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None, 
     legacy = ctx.legacy_ids
     samples: list[Sample] = []
     append = samples.append
+    deferred = Sample.deferred
     for cat, vids in by_cat.items():
         cat_dir = os.path.join(out_root, cat)
         for v in vids:
@@ -115,7 +116,7 @@ def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None, 
             tail_video = f"{enc(cat)}, {enc(v.name)}, {enc(cid)}, "
             head_video = f"[{enc(common)}, {tail_video}"
             old_video = f"[{enc(old)}, {tail_video}"
-            label_video = f"{cat}/{v.name} seed "
+            v_ref = (cat, v.name, vpath)
             for pi, prompt in enumerate(plist):
                 pj = prompt_json.get(prompt)
                 if pj is None:
@@ -130,11 +131,16 @@ def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None, 
                         o = old_head.copy()
                         o.update(seed_b)
                         aliases = (o.hexdigest()[:32],)
-                    body = {"category": cat, "video": v.name, "video_path": vpath, "prompt": prompt,
-                            "prompt_index": pi, "seed": seed}
-                    append(Sample(h.hexdigest()[:32], cat, f"{label_video}{seed} prompt {pi}",
-                                  f"{folder}{stem}{pi}.mp4", body, mem, gpus, aliases))
+                    append(deferred(h.hexdigest()[:32], cat, f"{folder}{stem}{pi}.mp4", mem, gpus, aliases,
+                                    _describe, (v_ref, prompt, pi, seed)))
     return Plan(exp, samples, shared_params(exp), extra=video_cid)
+
+
+def _describe(detail: tuple) -> tuple[str, dict[str, Any]]:
+    """A video sample's label and body, made only for the samples that are published."""
+    (cat, video, vpath), prompt, pi, seed = detail
+    body = {"category": cat, "video": video, "video_path": vpath, "prompt": prompt, "prompt_index": pi, "seed": seed}
+    return f"{cat}/{video} seed {seed} prompt {pi}", body
 
 
 def _stat_key(path: Path) -> str:
