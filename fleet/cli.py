@@ -275,27 +275,34 @@ def gpus(ctx: click.Context, as_json: bool) -> None:
 
 @main.command("make-tiny-model")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--kind", type=click.Choice(["video", "image"]), default="video", show_default=True,
+              help="video: Wan2.1 text-to-video; image: Z-Image text-to-image.")
+@click.option("--preset", type=click.Choice(["tiny", "bench"]), default="tiny", show_default=True,
+              help="tiny (tests, demos) or bench (a realistic DiT width with few layers, bf16; for GPUs).")
 @handles_errors
-def make_tiny_model(directory: Path) -> None:
-    """Write a tiny random-weight Wan model (DiT, text encoder, VAE, tokenizer) to DIRECTORY."""
+def make_tiny_model(directory: Path, kind: str, preset: str) -> None:
+    """Write a tiny random-weight model (DiT, text encoder, VAE, tokenizer) to DIRECTORY."""
     # The builder needs torch and diffsynth; it runs in its own process so that this
     # package never imports them.
-    rc = subprocess.call([sys.executable, "-m", "workers.tiny_model", str(directory)])
+    rc = subprocess.call([sys.executable, "-m", "workers.tiny_model", str(directory), "--kind", kind, "--preset", preset])
     if rc:
         sys.exit(rc)  # the builder said why, in one line
 
 
 @main.command()
-@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("fleet-demo"),
-              show_default=True, help="Work folder; the experiment is left at DIR/experiment.yaml.")
+@click.argument("kind", type=click.Choice(["video", "image"]), default="video", required=False)
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Work folder (default fleet-demo, or fleet-demo-image); the experiment is left at DIR/experiment.yaml.")
 @click.option("--workers", "n_workers", type=int, default=2, show_default=True, help="CPU workers when no GPU is found.")
 @click.pass_context
 @handles_errors
-def demo(ctx: click.Context, directory: Path, n_workers: int) -> None:
-    """Build a tiny model and a seed-001-shaped dataset, run it on a local fleet, stop it."""
+def demo(ctx: click.Context, kind: str, directory: Path | None, n_workers: int) -> None:
+    """Build a tiny model and a small experiment of KIND (video: seed 001's shape; image: a
+    prompts CSV as seed 002's), run it on a local fleet, stop it."""
     from fleet.demo import run_demo
 
-    run_demo(settings_of(ctx), directory, n_workers)
+    directory = directory or Path("fleet-demo" if kind == "video" else f"fleet-demo-{kind}")
+    run_demo(settings_of(ctx), directory, n_workers, kind)
 
 
 # ---- control: cancel, pause, resume, retry (fleet.control) ------------------------------------------

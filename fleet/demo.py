@@ -1,9 +1,11 @@
-"""``fleet demo``: seed 001 in miniature, end to end on this machine.
+"""``fleet demo [video|image]``: seed 001 or seed 002 in miniature, end to end on this machine.
 
-Builds a tiny random-weight Wan model, a dataset of 4 categories (ASCII and Chinese
-names) with 2-3 short reference videos each, a prompts file and ``experiment.yaml``;
-starts the fleet (embedded Redis, workers, Flower), enqueues, shows progress until
-every sample is done, prints where the videos are, and stops the fleet.
+video: a tiny random-weight Wan model, a dataset of 4 categories (ASCII and Chinese
+names) with 2-3 short reference videos each, a prompts file and ``experiment.yaml``.
+image: a tiny random-weight Z-Image model and a prompts CSV as spreadsheets write it
+(BOM, CRLF, quoted commas, quotes and line breaks, Chinese ids).
+Either way it starts the fleet (embedded Redis, workers, Flower), enqueues, shows
+progress until every sample is done, prints where the outputs are, and stops the fleet.
 """
 
 from __future__ import annotations
@@ -52,6 +54,33 @@ output: results
 """
 
 
+IMAGE_EXPERIMENT = """\
+# A fleet experiment (kind: image). Relative paths resolve against this file's folder.
+kind: image
+name: demo-image
+prompts: prompts.csv        # columns image_id, prompt (optional negative_prompt)
+seed_start: 42              # row i gets seed 42 + i: the same files on 1 GPU or 8
+width: 64                   # multiples of 16
+height: 64
+steps: 4
+cfg_scale: 4.0
+cfg_truncation_step: 2      # steps 2 and 3 without the unconditional pass
+dtype: fp32                 # bf16, fp16 or fp32
+model:
+  dir: model                # written by `fleet make-tiny-model --kind image`
+output: results             # results/<image_id>_seed<seed>.png
+"""
+
+IMAGE_ROWS = [
+    ("000001", "a paper boat drifting on a calm lake at sunset"),
+    ("000002", 'a sign that reads "open", seen through rain'),
+    ("000003", "a robot walking through a neon city,\nat night"),
+    ("猫_01", "一只猫在窗台上伸懒腰"),
+    ("000005", "a bowl of ramen, steam rising, top view"),
+    ("000006", "a lighthouse on a cliff, storm clouds"),
+]
+
+
 def write_video(path: Path, frames: int, width: int, height: int, fps: int = 8, seed: int = 0) -> Path:
     """A small synthetic H.264 mp4 (moving gradient), written atomically."""
     import av
@@ -75,13 +104,40 @@ def write_video(path: Path, frames: int, width: int, height: int, fps: int = 8, 
     return path
 
 
-def build_demo(directory: Path) -> Path:
-    """Write model, dataset, prompts and experiment.yaml into ``directory``; returns the experiment."""
-    directory.mkdir(parents=True, exist_ok=True)
+def _build_model(directory: Path, kind: str) -> None:
     if not (directory / "model" / "model.json").exists():
-        rc = subprocess.call([sys.executable, "-m", "workers.tiny_model", str(directory / "model")], stdout=subprocess.DEVNULL)
+        rc = subprocess.call([sys.executable, "-m", "workers.tiny_model", str(directory / "model"), "--kind", kind],
+                             stdout=subprocess.DEVNULL)
         if rc:
             raise FleetError(f"{directory / 'model'}: building the tiny model failed (exit {rc})")
+
+
+def build_image_demo(directory: Path) -> Path:
+    """Write the tiny Z-Image model, prompts.csv and experiment.yaml into ``directory``."""
+    import csv
+
+    directory.mkdir(parents=True, exist_ok=True)
+    _build_model(directory, "image")
+    prompts = directory / "prompts.csv"
+    if not prompts.exists():
+        tmp = prompts.with_name(".prompts.csv.tmp")
+        with open(tmp, "w", encoding="utf-8-sig", newline="") as f:  # as a spreadsheet saves it
+            w = csv.writer(f, lineterminator="\r\n")
+            w.writerow(["image_id", "prompt", "source"])
+            w.writerows([(i, p, "demo") for i, p in IMAGE_ROWS])
+        tmp.replace(prompts)
+    exp = directory / "experiment.yaml"
+    if not exp.exists():
+        exp.write_text(IMAGE_EXPERIMENT, encoding="utf-8")
+    return exp
+
+
+def build_demo(directory: Path, kind: str = "video") -> Path:
+    """Write model, inputs and experiment.yaml of ``kind`` into ``directory``; returns the experiment."""
+    if kind == "image":
+        return build_image_demo(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _build_model(directory, "video")
     for ci, (cat, videos) in enumerate(CATEGORIES.items()):
         for vi, name in enumerate(videos):
             target = directory / "dataset" / cat / f"{name}.mp4"
@@ -96,7 +152,7 @@ def build_demo(directory: Path) -> Path:
     return exp
 
 
-def run_demo(settings: FleetSettings, directory: Path, n_workers: int) -> None:
+def run_demo(settings: FleetSettings, directory: Path, n_workers: int, kind: str = "video") -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fleet.broker import connect
@@ -109,8 +165,9 @@ def run_demo(settings: FleetSettings, directory: Path, n_workers: int) -> None:
     directory = directory.resolve()
     if not settings.output_roots and settings.output_dir is None:
         settings = settings.model_copy(update={"output_roots": [directory]})  # the workers may write the demo's outputs
-    click.echo(f"building the demo in {directory} (tiny model, 4 categories of reference videos) ...")
-    exp_path = build_demo(directory)
+    what = "4 categories of reference videos" if kind == "video" else "a prompts CSV of 6 rows"
+    click.echo(f"building the demo in {directory} (tiny model, {what}) ...")
+    exp_path = build_demo(directory, kind)
     exp = load_experiment(exp_path, settings.output_dir, settings.kinds)
     has_gpu = bool(inventory_from_env().snapshot())
     info = up(settings, cpu_workers=None if has_gpu else n_workers)
@@ -133,7 +190,8 @@ def run_demo(settings: FleetSettings, directory: Path, n_workers: int) -> None:
                 if time.monotonic() > deadline:
                     raise FleetError(f"demo: not finished after 10 minutes; see the logs in {settings.logs}")
                 time.sleep(0.5)
-        click.echo(f"videos: {exp.output}  (e.g. {next(exp.output.rglob('*.mp4'), 'none')})")
+        pattern = "*.mp4" if kind == "video" else "*.png"
+        click.echo(f"{kind}s: {exp.output}  (e.g. {next(exp.output.rglob(pattern), 'none')})")
         click.echo(f"flower: {info.flower_url}   status: fleet status {exp_path}")
         if d["failed"]:
             raise FleetError(f"demo: {d['failed']} samples failed; see `fleet status` and {settings.logs}")

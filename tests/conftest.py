@@ -167,6 +167,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_image_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Z-Image model folder (see workers.tiny_image_model), built once per session."""
+    import torch
+
+    torch.set_num_threads(1)
+    from workers.tiny_model import build_tiny_model
+
+    path = tmp_path_factory.mktemp("models") / "z-image-tiny"
+    build_tiny_model(path, kind="image")
+    return path
+
+
 @pytest.fixture
 def make_video() -> Callable[..., Path]:
     """``make_video(path, frames, width, height, fps=15, seed=0) -> path``: write a small H.264 mp4."""

@@ -206,21 +206,36 @@ def _save_tokenizer(folder: Path) -> None:
     fast.save_pretrained(str(folder))
 
 
-def _model_json(preset: str) -> dict[str, Any]:
+KINDS = ("video", "image")
+
+
+def _model_json(preset: str, kind: str = "video") -> dict[str, Any]:
+    if kind == "image":
+        from workers.tiny_image_model import model_json
+
+        return model_json(preset)
     return BENCH_MODEL_JSON if preset == "bench" else MODEL_JSON
 
 
-def _write_files(folder: Path, preset: str = "tiny") -> None:
+def _state_dicts(preset: str, kind: str) -> dict[str, dict[str, torch.Tensor]]:
+    if kind == "image":
+        from workers.tiny_image_model import state_dicts
+
+        return state_dicts(preset)
+    return _file_state_dicts(*_build_modules(preset))
+
+
+def _write_files(folder: Path, preset: str = "tiny", kind: str = "video") -> None:
     """Write every file of the model into ``folder`` (which is still private to the builder)."""
     from safetensors.torch import save_file
 
-    desc = _model_json(preset)
+    desc = _model_json(preset, kind)
     # Stored in the dtype the model runs in: half the bytes to write and load for bench.
     store = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[desc["dtype"]]
     # fork_rng: seeding must not disturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        sds = _file_state_dicts(*_build_modules(preset))
+        sds = _state_dicts(preset, kind)
     for name, sd in sds.items():
         # clone: safetensors refuses tensors that share storage; contiguous for the same reason.
         tensors = {}
@@ -230,7 +245,12 @@ def _write_files(folder: Path, preset: str = "tiny") -> None:
                 v = v.to(store)
             tensors[k] = v.contiguous().clone()
         save_file(tensors, str(folder / f"{name}.safetensors"))
-    _save_tokenizer(folder / desc["tokenizer"])
+    if kind == "image":
+        from workers.tiny_image_model import save_tokenizer
+
+        save_tokenizer(folder / desc["tokenizer"])
+    else:
+        _save_tokenizer(folder / desc["tokenizer"])
     # model.json last: its presence marks a complete model.
     (folder / "model.json").write_text(json.dumps(desc, indent=2) + "\n", encoding="utf-8")
 
@@ -251,15 +271,18 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-def build_tiny_model(dir: Path, preset: str = "tiny") -> dict[str, Any]:
-    """Write the tiny model (or the ``bench`` preset, see the module docstring) into ``dir``
-    atomically; return model.json's content (relative names).
+def build_tiny_model(dir: Path, preset: str = "tiny", kind: str = "video") -> dict[str, Any]:
+    """Write the tiny model of ``kind`` (video: Wan, see the module docstring; image: Z-Image,
+    workers/tiny_image_model.py), or its ``bench`` preset, into ``dir`` atomically; return
+    model.json's content (relative names).
 
     The files are built in a hidden temporary folder next to ``dir`` and renamed into place,
     so a killed build leaves at most a ``.<name>.*.tmp`` folder, never a half-written ``dir``.
     An existing ``dir`` (empty, or an earlier build) is replaced.
     """
     _check_preset(preset)
+    if kind not in KINDS:
+        raise InputError(f"unknown model kind {kind!r}; choose one of {', '.join(KINDS)}")
     dir = Path(dir).absolute()
     if dir.exists() and (not dir.is_dir() or (any(dir.iterdir()) and not _is_tiny_model(dir))):
         # Never replace a user's folder: only an empty one or an earlier tiny build.
@@ -268,7 +291,7 @@ def build_tiny_model(dir: Path, preset: str = "tiny") -> dict[str, Any]:
     tmp = dir.parent / f".{dir.name}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
     try:
-        _write_files(tmp, preset)
+        _write_files(tmp, preset, kind)
         _fsync_tree(tmp)
         if dir.exists() and any(dir.iterdir()):
             # A folder can't be renamed over a non-empty one: move the old one aside first.
@@ -281,13 +304,15 @@ def build_tiny_model(dir: Path, preset: str = "tiny") -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dict(_model_json(preset))
+    return dict(_model_json(preset, kind))
 
 
 def _is_tiny_model(dir: Path) -> bool:
+    from workers.tiny_image_model import is_tiny_image_model
+
     try:
-        name = json.loads((dir / "model.json").read_text(encoding="utf-8")).get("name")
-        return name in (MODEL_JSON["name"], BENCH_MODEL_JSON["name"])
+        desc = json.loads((dir / "model.json").read_text(encoding="utf-8"))
+        return desc.get("name") in (MODEL_JSON["name"], BENCH_MODEL_JSON["name"]) or is_tiny_image_model(desc)
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -312,9 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dir", type=Path, help="new or empty folder (or an earlier tiny build, replaced)")
     parser.add_argument("--preset", choices=PRESETS, default="tiny",
                         help="tiny (tests, demo) or bench (realistic DiT width and the real VAE, bf16)")
+    parser.add_argument("--kind", choices=KINDS, default="video",
+                        help="video (Wan2.1 text-to-video) or image (Z-Image text-to-image)")
     args = parser.parse_args(argv)
     try:
-        build_tiny_model(args.dir, args.preset)
+        build_tiny_model(args.dir, args.preset, args.kind)
     except InputError as e:
         print(f"fleet: error: {e}", file=sys.stderr)
         return 1

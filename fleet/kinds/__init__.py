@@ -36,6 +36,7 @@ class KindModules(BaseModel):
 
 BUILTIN: dict[str, KindModules] = {
     "video": KindModules(planner="fleet.kinds.video", job="workers.jobs.video"),
+    "image": KindModules(planner="fleet.kinds.image", job="workers.jobs.image"),
 }
 
 

@@ -9,10 +9,7 @@ whatever else went wrong.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import time
-from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +18,12 @@ from pydantic import ValidationError
 from fleet.contract import TaskPayload
 from fleet.errors import GpuOutOfMemory, InputError
 from fleet.kinds.video.spec import VideoParams
+from workers.atomic_output import write_atomically
 from workers.jobs.base import JobContext, JobOutcome, pin_torch_threads
 from workers.model_cache import release_cuda_memory
+from workers.pipeline_loading import is_out_of_memory, memory_had
 from workers.reference_video import load_frames
-from workers.wan_model import is_out_of_memory, load_pipeline
+from workers.wan_model import load_pipeline
 
 log = logging.getLogger("fleet.job")
 
@@ -78,14 +77,6 @@ def _generate(p: VideoParams, pipe: Any) -> list[Any]:
     )
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def encode_mp4(frames: list[Any], path: Path, fps: int) -> None:
     """H.264 mp4 (yuv420p, CRF 18) with PyAV; the same frames give the same bytes.
 
@@ -108,38 +99,8 @@ def encode_mp4(frames: list[Any], path: Path, fps: int) -> None:
 
 
 def write_video_atomically(frames: list[Any], final: Path, fps: int) -> None:
-    """Write ``frames`` as an mp4 at ``final``: complete file or none.
-
-    Written to ``.<name>.<random>.tmp.mp4`` in the same folder (hidden; same filesystem so
-    the rename is atomic), flushed to disk, then renamed over ``final``. On any error the
-    temp file is removed. A SIGKILL can leave a hidden temp file behind, but never a
-    partial file at ``final``.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Leftovers of an earlier attempt that was killed mid-write. Only this sample's, and
-    # the lease guarantees no other worker is writing it now.
-    for stale in final.parent.glob(f".{glob_escape(final.name)}.*.tmp.mp4"):
-        stale.unlink(missing_ok=True)
-    tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp.mp4"
-    try:
-        encode_mp4(frames, tmp, fps)
-        _fsync_path(tmp)  # data on disk before the name points at it
-        os.replace(tmp, final)
-        _fsync_path(final.parent)  # the rename itself survives a crash
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _memory_had(device: str) -> str:
-    """Free and total memory of the device, for OOM messages."""
-    try:
-        import torch
-
-        free, total = torch.cuda.mem_get_info(torch.device(device))
-        return f"{free // 2**20} MiB free of {total // 2**20} MiB"
-    except Exception:  # no CUDA (a CPU worker) or a broken context after the OOM
-        return "unknown free memory"
+    """Write ``frames`` as an mp4 at ``final``: the complete file or none (workers/atomic_output.py)."""
+    write_atomically(final, lambda tmp: encode_mp4(frames, tmp, fps))
 
 
 def params_of(task: TaskPayload) -> VideoParams:
@@ -182,7 +143,7 @@ def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:
         need = f"needs {task.memory_mib} MiB (declared)" if task.memory_mib else "declares no memory need"
         raise GpuOutOfMemory(
             f"sample {task.sample_id} ({p.width}x{p.height}x{p.frames}) {need}; ran out of GPU memory on "
-            f"{device}, which had {_memory_had(device)}"
+            f"{device}, which had {memory_had(device)}"
         ) from exc
     t_write = time.perf_counter()
     write_video_atomically(frames, final, p.fps)

@@ -25,10 +25,11 @@ class VideoKind:
         return plan_experiment(exp, groups, ctx)
 
     def check(self, plan: Plan, todo: list[Sample], ctx: PlanContext) -> None:
-        from fleet.kinds.video.planner import check_model_files, check_videos
+        from fleet.kinds.model_files import check_model_files
+        from fleet.kinds.video.planner import check_videos
 
         if todo:
-            check_model_files(plan.experiment)
+            check_model_files(plan.experiment.path, plan.experiment.model)
         check_videos(plan, todo, ctx)
 
 

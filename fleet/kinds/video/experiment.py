@@ -20,40 +20,18 @@ folder, so a copied experiment folder works on another host::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from fleet.errors import InputError
+from fleet.kinds.model_files import ModelEntry, model_spec, resolve
 from fleet.kinds.video.spec import ModelSpec
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm")
 # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (diffsynth seeds its noise with it)
 SEED_MAX = 2**64 - 1
-
-
-class ModelEntry(BaseModel):
-    """The model as written in the experiment: a folder with model.json, or explicit files."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dir: str | None = None
-    name: str | None = None
-    dit: list[str] | str | None = None
-    text_encoder: str | None = None
-    vae: str | None = None
-    tokenizer: str | None = None
-    dtype: Literal["bfloat16", "float16", "float32"] | None = None
-    architectures: list[Literal["fleet-tiny"]] | None = None
-    memory_mib: int | None = Field(None, ge=0, description="Default GPU memory a sample of this model needs")
-
-    @model_validator(mode="after")
-    def _complete(self) -> "ModelEntry":
-        if self.dir is None and not (self.dit and self.text_encoder and self.vae and self.tokenizer):
-            raise ValueError("give either dir (a folder with model.json) or all of dit, text_encoder, vae, tokenizer")
-        return self
 
 
 class VideoExperiment(BaseModel):
@@ -126,46 +104,6 @@ class LoadedExperiment(BaseModel):
     priority: str = "normal"  # low | normal | high | urgent (fleet.priority); not part of any sample id
 
 
-def _resolve(base: Path, p: str) -> Path:
-    q = Path(p).expanduser()
-    return q if q.is_absolute() else (base / q)
-
-
-def _model_spec(path: Path, base: Path, entry: ModelEntry) -> tuple[ModelSpec, int | None]:
-    fields: dict[str, Any] = {}
-    root = base
-    if entry.dir is not None:
-        root = _resolve(base, entry.dir)
-        manifest = root / "model.json"
-        try:
-            fields = json.loads(manifest.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InputError(f"{path}: model.dir: {manifest} not found") from None
-        except (OSError, ValueError) as e:
-            raise InputError(f"{path}: model.dir: {manifest}: not valid JSON: {e}") from None
-        if not isinstance(fields, dict):
-            raise InputError(f"{path}: model.dir: {manifest}: must hold a JSON object")
-    own = entry.model_dump(exclude_none=True, exclude={"dir", "memory_mib"})
-    fields.update(own)
-    memory = entry.memory_mib if entry.memory_mib is not None else fields.pop("memory_mib", None)
-    # Files named in the experiment resolve against the experiment; those from model.json against its folder.
-    def res(key: str, value: str) -> str:
-        return str(_resolve(base if key in own else root, value).resolve())
-
-    try:
-        dit = fields.get("dit")
-        fields["dit"] = [res("dit", d) for d in ([dit] if isinstance(dit, str) else (dit or []))]
-        for key in ("text_encoder", "vae", "tokenizer"):
-            if key in fields:
-                fields[key] = res(key, fields[key])
-        return ModelSpec(**fields), memory
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise InputError(f"{path}: model.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    except TypeError as e:
-        raise InputError(f"{path}: model: {e}") from None
-
-
 def load_video_experiment(path: Path, data: dict[str, Any], default_output: Path | None = None) -> LoadedExperiment:
     """Validate a video experiment document read from ``path``; InputError (one line, file
     and field) on any fault. ``default_output`` (the settings' output_dir) holds ``<name>/``
@@ -179,16 +117,16 @@ def load_video_experiment(path: Path, data: dict[str, Any], default_output: Path
         msg = err["msg"].removeprefix("Value error, ")
         raise InputError(f"{path}: {loc}: {msg}") from None
     base = path.resolve().parent
-    model, model_memory = _model_spec(path, base, spec.model)
-    dataset = _resolve(base, spec.dataset).resolve()
+    model, model_memory = model_spec(path, base, spec.model, ModelSpec, "video")
+    dataset = resolve(base, spec.dataset).resolve()
     if dataset.exists() and not dataset.is_dir():
         raise InputError(f"{path}: dataset: {dataset} is a file; give the folder of category folders")
     if not dataset.is_dir():
         raise InputError(f"{path}: dataset: folder {dataset} not found")
-    prompts = _resolve(base, spec.prompts).resolve()
+    prompts = resolve(base, spec.prompts).resolve()
     name = spec.name or path.stem
     if spec.output is not None:
-        output = _resolve(base, spec.output)
+        output = resolve(base, spec.output)
     else:
         output = default_output.expanduser() / name if default_output is not None else base / "results"
     return LoadedExperiment(

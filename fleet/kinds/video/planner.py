@@ -187,16 +187,6 @@ def _check_prompt_names(exp: LoadedExperiment, prompts, by_cat: dict[str, list[R
             raise InputError(f"{exp.prompts}: names video {video!r}, which is not in {where}")
 
 
-def check_model_files(exp: LoadedExperiment) -> None:
-    """Every model file the workers will load exists (as this host sees the shared paths)."""
-    m = exp.model
-    for key, path in [*(("dit", d) for d in m.dit), ("text_encoder", m.text_encoder), ("vae", m.vae)]:
-        if not Path(path).is_file():
-            raise InputError(f"{exp.path}: model.{key}: file {path} not found (model {m.name!r})")
-    if not Path(m.tokenizer).is_dir():
-        raise InputError(f"{exp.path}: model.tokenizer: folder {m.tokenizer} not found (model {m.name!r})")
-
-
 def check_videos(plan: Plan, todo: list[Sample], ctx: PlanContext) -> None:
     """Probe (decode the first frame of) each reference video a sample to do reads.
 

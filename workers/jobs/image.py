@@ -1,0 +1,83 @@
+"""The image kind's job: Z-Image text-to-image, written atomically as a PNG.
+
+Job code only: no Celery here. ``run(task, context)`` reads the task's ImageParams, takes
+the resident pipeline from the context's model cache (a worker that serves several kinds
+keeps one model resident at a time), generates, and writes ``<image_id>_seed<seed>.png``.
+The same parameters give the same bytes on any worker: the noise is drawn on the CPU
+from the seed, and the PNG is written with fixed settings and no metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from fleet.contract import TaskPayload
+from fleet.errors import GpuOutOfMemory, InputError
+from fleet.kinds.image.spec import ImageParams
+from workers.atomic_output import write_atomically
+from workers.jobs.base import JobContext, JobOutcome, pin_torch_threads
+from workers.model_cache import release_cuda_memory
+from workers.pipeline_loading import is_out_of_memory, memory_had
+
+log = logging.getLogger("fleet.job")
+
+PNG_COMPRESS_LEVEL = 6  # zlib's default; fixed so the same pixels give the same file
+
+
+def params_of(task: TaskPayload) -> ImageParams:
+    """The task's ImageParams; InputError naming the field when the payload lacks or garbles one."""
+    try:
+        return ImageParams.model_validate(task.params)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InputError(f"sample {task.sample_id}: invalid image parameters: "
+                         f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def write_png(image: Any, path: Path) -> None:
+    image.convert("RGB").save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+
+
+def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:
+    """Generate one image and write it to ``task.output_path``.
+
+    Raises InputError for invalid parameters, ModelLoadError for bad model files,
+    GpuOutOfMemory when CUDA runs out of memory; other errors propagate.
+    """
+    from workers.image_model import generate, load_image_pipeline
+
+    start = time.perf_counter()
+    pin_torch_threads(ctx.threads)
+    p = params_of(task)
+    final = Path(task.output_path)
+    device = ctx.device
+    identity = f"{p.model.model_dump_json()}|{p.dtype}"
+    pipe, loaded, load_s = ctx.models.get("image", identity, device, lambda: load_image_pipeline(p.model, p.dtype, device))
+    factor = max(pipe.height_division_factor, pipe.width_division_factor)
+    if p.width % factor or p.height % factor:
+        raise InputError(f"sample {task.sample_id} ({final}): size {p.width}x{p.height} is not a multiple of {factor}")
+    t_gen = time.perf_counter()
+    try:
+        image = generate(pipe, p)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        release_cuda_memory(device)
+        need = f"needs {task.memory_mib} MiB (declared)" if task.memory_mib else "declares no memory need"
+        raise GpuOutOfMemory(f"sample {task.sample_id} ({p.width}x{p.height}) {need}; ran out of GPU memory on "
+                             f"{device}, which had {memory_had(device)}") from exc
+    t_write = time.perf_counter()
+    write_atomically(final, lambda tmp: write_png(image, tmp))
+    end = time.perf_counter()
+    log.info("sample %s: wrote %s (%dx%d, seed %d) in %.2f s", task.sample_id, final, p.width, p.height, p.seed,
+             end - start)
+    return JobOutcome(
+        output_path=str(final), model_loaded=loaded, model_load_s=load_s,
+        metrics={"width": image.size[0], "height": image.size[1], "seed": p.seed,
+                 "generate_s": round(t_write - t_gen, 4), "write_s": round(end - t_write, 4)},
+    )
