@@ -60,3 +60,40 @@ def test_two_packed_slots_on_one_gpu_both_generate(gpu_fleet: GpuFleet, tiny_exp
     assert {r.worker for r in recs} == {f"gpu0@{host}", f"gpu0s1@{host}"}, [(r.worker, r.gpus) for r in recs]
     for r in recs:
         assert read_frames(Path(r.output_path)).shape == (9, 128, 128, 3)
+
+
+def test_image_worker_on_gpu0_makes_the_bare_pipelines_image(gpu_fleet: GpuFleet, tiny_image_model_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """The image kind on CUDA in bf16: names and seeds, and the worker's PNG is the one a bare
+    loop in this process makes for the row's seed."""
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    (tmp_path / "prompts.csv").write_text('image_id,prompt\r\n0001,"a cat, on a mat"\r\n0002,一只猫\r\n', encoding="utf-8")
+    exp = tmp_path / "image.yaml"
+    exp.write_text(yaml.safe_dump({"kind": "image", "prompts": "prompts.csv", "seed_start": 7, "width": 128,
+                                   "height": 128, "steps": 4, "cfg_scale": 4.0, "cfg_truncation_step": 2,
+                                   "dtype": "bf16", "model": {"dir": str(tiny_image_model_dir)}, "output": "out"}))
+    gpu_fleet.start_worker("--gpu", "0")
+    assert json.loads(gpu_fleet.fleet("enqueue", str(exp), "--json").stdout)["enqueued"] == 2
+    recs = gpu_fleet.wait_done(2, timeout_s=240)
+    assert sorted(Path(r.output_path).name for r in recs) == ["0001_seed7.png", "0002_seed8.png"]
+    assert all(r.gpus == [0] for r in recs)
+    import threading
+
+    from fleet.contract import TaskPayload
+    from fleet.experiment import load_experiment
+    from fleet.planner import payloads, plan_experiment
+    from workers.jobs.base import JobContext
+    from workers.jobs.image import run as run_image
+    from workers.model_cache import ModelCache
+
+    plan = plan_experiment(load_experiment(exp))
+    task = TaskPayload.model_validate_json(next(p for _, _, p in payloads(plan, plan.samples[:1], lambda s: "q")))
+    bare = tmp_path / "bare" / "0001_seed7.png"
+    task = task.model_copy(update={"output_path": str(bare), "output_root": str(bare.parent)})
+    run_image(task, JobContext(gpus=(0,), device="cuda", models=ModelCache(), work_dir=tmp_path / "w",
+                               stopping=threading.Event()))
+    with Image.open(bare) as a, Image.open(tmp_path / "out" / "0001_seed7.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -83,14 +83,23 @@ class Fleet:
 
     def start_worker(self, slot: int = 0, **extra: str) -> subprocess.Popen:
         """A real `fleet worker --cpu` process; returns once it is consuming."""
-        log = open(self.tmp / f"worker{slot}-{len(self.procs)}.log", "ab")
-        p = subprocess.Popen([sys.executable, "-m", "fleet.cli", "worker", "--cpu", "--slot", str(slot)],
-                             env=self.env(**extra), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append(p)
-        name = f"cpu{slot}@{socket.gethostname()}"
-        wait_for(lambda: self.client.hexists(self.keys.workers, name) or p.poll() is not None, 60, f"worker {name}")
-        assert p.poll() is None, f"worker exited: {(self.tmp / f'worker{slot}-{len(self.procs) - 1}.log').read_text()[-2000:]}"
-        return p
+        return self.start_workers([slot], **extra)[0]
+
+    def start_workers(self, slots: list[int], **extra: str) -> list[subprocess.Popen]:
+        """Several `fleet worker --cpu` processes started at once; returns once all are consuming."""
+        started = []
+        for slot in slots:
+            log_path = self.tmp / f"worker{slot}-{len(self.procs)}.log"
+            p = subprocess.Popen([sys.executable, "-m", "fleet.cli", "worker", "--cpu", "--slot", str(slot)],
+                                 env=self.env(**extra), stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+            self.procs.append(p)
+            started.append((slot, p, log_path))
+        for slot, p, log_path in started:
+            name = f"cpu{slot}@{socket.gethostname()}"
+            wait_for(lambda: self.client.hexists(self.keys.workers, name) or p.poll() is not None, 60, f"worker {name}")
+            assert p.poll() is None, f"worker exited: {log_path.read_text()[-2000:]}"
+        return [p for _, p, _ in started]
 
     def worker_entry(self, slot: int = 0) -> WorkerEntry | None:
         raw = self.client.hget(self.keys.workers, f"cpu{slot}@{socket.gethostname()}")

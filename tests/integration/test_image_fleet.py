@@ -18,7 +18,7 @@ from tests.integration.conftest import Fleet, wait_for
 
 pytestmark = pytest.mark.integration
 
-ROWS = [(f"{i:06d}", f"prompt {i}, with a comma and \"quotes\"") for i in range(1, 7)] + [("猫 01", "一只猫\n第二行")]
+ROWS = [(f"{i:06d}", f"prompt {i}, with a comma and \"quotes\"") for i in range(1, 5)] + [("猫 01", "一只猫\n第二行")]
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
@@ -33,7 +33,7 @@ def experiment(root: Path, model: Path, output: str, rows: list[tuple[str, str]]
     if not (root / "prompts.csv").exists():
         write_csv(root / "prompts.csv", rows)
     doc = {"kind": "image", "name": "t2i", "prompts": "prompts.csv", "seed_start": 42, "width": 64, "height": 48,
-           "steps": 3, "cfg_scale": 4.0, "cfg_truncation_step": 2, "dtype": "fp32", "model": {"dir": str(model)},
+           "steps": 2, "cfg_scale": 4.0, "cfg_truncation_step": 1, "dtype": "fp32", "model": {"dir": str(model)},
            "output": output, **fields}
     path = root / f"{output}.yaml"
     path.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
@@ -52,17 +52,16 @@ def test_one_worker_and_three_make_the_same_files(fleet_ns: Fleet, tiny_image_mo
     one = experiment(tmp_path / "exp", tiny_image_model_dir, "out1")
     three = experiment(tmp_path / "exp", tiny_image_model_dir, "out3")
     w = fleet_ns.start_worker(0)
-    assert fleet_ns.enqueue(one)["enqueued"] == 7
-    wait_for(lambda: fleet_ns.done_count() == 7, 120, "7 images by one worker")
+    assert fleet_ns.enqueue(one)["enqueued"] == 5
+    wait_for(lambda: fleet_ns.done_count() == 5, 120, "5 images by one worker")
     fleet_ns.stop(w)
-    for slot in range(3):
-        fleet_ns.start_worker(slot)
-    assert fleet_ns.enqueue(three)["enqueued"] == 7
-    wait_for(lambda: fleet_ns.done_count() == 14, 120, "7 images by three workers")
+    fleet_ns.start_workers([0, 1, 2])
+    assert fleet_ns.enqueue(three)["enqueued"] == 5
+    wait_for(lambda: fleet_ns.done_count() == 10, 120, "5 images by three workers")
     a, b = pngs(tmp_path / "exp" / "out1"), pngs(tmp_path / "exp" / "out3")
     expected = [f"{i}_seed{42 + n}.png" for n, (i, _) in enumerate(ROWS)]
     assert sorted(a) == sorted(expected) and a == b  # names, count and every byte
-    assert len(set(a.values())) == 7
+    assert len(set(a.values())) == 5
     recs = [r for r in records(fleet_ns).values() if "/out3/" in r.output_path]
     assert len({r.worker for r in recs}) >= 2, [r.worker for r in recs]  # the three really shared the work
     assert {Path(r.output_path).name: r.metrics["seed"] for r in recs} == {
@@ -72,25 +71,25 @@ def test_one_worker_and_three_make_the_same_files(fleet_ns: Fleet, tiny_image_mo
 def test_interrupted_run_is_finished_by_a_rerun_and_new_rows_only_add(fleet_ns: Fleet, tiny_image_model_dir: Path,
                                                                       tmp_path: Path) -> None:
     root = tmp_path / "exp"
-    exp = experiment(root, tiny_image_model_dir, "out", steps=40, width=128, height=128)  # slow enough to stop mid-run
+    exp = experiment(root, tiny_image_model_dir, "out", steps=24, width=96, height=96)  # slow enough to stop mid-run
     w = fleet_ns.start_worker(0)
-    assert fleet_ns.enqueue(exp)["enqueued"] == 7
+    assert fleet_ns.enqueue(exp)["enqueued"] == 5
     wait_for(lambda: fleet_ns.done_count() >= 2, 120, "two images")
     fleet_ns.stop(w, signal.SIGKILL)  # the tmux pane closed
     done = fleet_ns.done_count()
     again = fleet_ns.enqueue(exp)
-    assert again["planned"] == 7 and again["done"] == done and again["done"] < 7
-    assert again["in_flight"] + again["enqueued"] == 7 - done
+    assert again["planned"] == 5 and again["done"] == done and again["done"] < 5
+    assert again["in_flight"] + again["enqueued"] == 5 - done
     fleet_ns.start_worker(1)
-    wait_for(lambda: fleet_ns.done_count() == 7, 240, "the rest after the re-run")
+    wait_for(lambda: fleet_ns.done_count() == 5, 240, "the rest after the re-run")
     assert fleet_ns.enqueue(exp)["enqueued"] == 0
     with open(root / "prompts.csv", "a", encoding="utf-8", newline="") as f:
         csv.writer(f, lineterminator="\r\n").writerows([("new1", "a new prompt"), ("new2", "another")])
     res = fleet_ns.enqueue(exp)
-    assert (res["planned"], res["done"], res["enqueued"]) == (9, 7, 2)
-    wait_for(lambda: fleet_ns.done_count() == 9, 120, "the appended rows")
+    assert (res["planned"], res["done"], res["enqueued"]) == (7, 5, 2)
+    wait_for(lambda: fleet_ns.done_count() == 7, 120, "the appended rows")
     names = sorted(pngs(root / "out"))
-    assert "new1_seed49.png" in names and "new2_seed50.png" in names and len(names) == 9
+    assert "new1_seed47.png" in names and "new2_seed48.png" in names and len(names) == 7
     assert not [p for p in (root / "out").iterdir() if p.name.startswith(".") and p.is_file()]  # no temp files left
 
 
@@ -114,7 +113,7 @@ def test_bad_csv_is_one_line_and_nothing_enqueued(fleet_ns: Fleet, tiny_image_mo
     assert not list(fleet_ns.client.scan_iter(f"{fleet_ns.namespace}*")), "something was enqueued"
 
 
-@pytest.mark.parametrize("fields, fault", [({"num_samples": 8}, "num_samples: 8 is more than"),
+@pytest.mark.parametrize("fields, fault", [({"num_samples": 6}, "num_samples: 6 is more than"),
                                            ({"dtype": "fp8"}, "dtype: Input should be")])
 def test_bad_experiment_is_one_line_and_nothing_enqueued(fleet_ns: Fleet, tiny_image_model_dir: Path, tmp_path: Path,
                                                          fields: dict, fault: str) -> None:
