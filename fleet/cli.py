@@ -60,9 +60,11 @@ def main(ctx: click.Context, config: str | None) -> None:
               help="Only this group: a video category, ... (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Plan and check, publish nothing, list what would go.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: planned, done, in_flight, enqueued.")
+@click.option("--rerun", is_flag=True, help="Publish done samples again too (commands that succeeded run again).")
 @click.pass_context
 @handles_errors
-def enqueue(ctx: click.Context, experiment: Path, groups: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
+def enqueue(ctx: click.Context, experiment: Path, groups: tuple[str, ...], dry_run: bool, as_json: bool,
+            rerun: bool) -> None:
     """Publish every sample of EXPERIMENT that is not done, queued or running."""
     from fleet.broker import connect
     from fleet.enqueue import enqueue as do_enqueue
@@ -72,7 +74,8 @@ def enqueue(ctx: click.Context, experiment: Path, groups: tuple[str, ...], dry_r
     exp = load_experiment(experiment, settings.output_dir, settings.kinds)
     client = connect(settings)
     res = do_enqueue(client, settings.namespace, exp, list(groups) or None, dry_run=dry_run,
-                     policy=settings.placement, memory_classes_mib=settings.memory_classes_mib, kinds=settings.kinds)
+                     policy=settings.placement, memory_classes_mib=settings.memory_classes_mib, kinds=settings.kinds,
+                     rerun=rerun)
     if as_json:
         d = res.as_dict()
         if dry_run:
@@ -100,14 +103,16 @@ def enqueue(ctx: click.Context, experiment: Path, groups: tuple[str, ...], dry_r
 @click.option("--queue", "queues", multiple=True, help="Consume these queues (default: what the GPU can serve).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="auto: cuda for --gpu/--gpus, except on a fake GPU inventory.")
+@click.option("--allow-commands", is_flag=True, help="Run shell commands (kind commands); refused by default.")
 @click.pass_context
 @handles_errors
-def worker(ctx: click.Context, gpu: int | None, gpus: str | None, cpu: bool, slot: int, queues: tuple[str, ...], device: str) -> None:
+def worker(ctx: click.Context, gpu: int | None, gpus: str | None, cpu: bool, slot: int, queues: tuple[str, ...], device: str,
+           allow_commands: bool) -> None:
     """Run one Celery worker for one GPU (prefetch 1, late acks, model kept resident)."""
     from fleet.gpu_inventory import inventory_from_env
     from fleet.worker_launch import parse_gpus, worker_command
 
-    settings = settings_of(ctx)
+    settings = settings_of(ctx, **({"allow_commands": True} if allow_commands else {}))
     if sum(x for x in (gpu is not None, gpus is not None, cpu)) != 1:
         raise PlacementError("fleet worker: give exactly one of --gpu N, --gpus N,M or --cpu")
     ids: tuple[int, ...] = () if cpu else ((gpu,) if gpu is not None else parse_gpus(gpus or ""))
@@ -185,16 +190,17 @@ def status(ctx: click.Context, experiment: Path | None, groups: tuple[str, ...],
 @click.option("--packed-mib", type=int, help="Pack slots by declared memory: floor(free / this) per GPU.")
 @click.option("--max-slots", type=int, help="Cap on packed slots per GPU.")
 @click.option("--cpu-workers", type=int, help="Start this many CPU workers instead of GPU workers.")
+@click.option("--allow-commands", is_flag=True, help="Its workers run shell commands (kind commands); off by default.")
 @click.pass_context
 @handles_errors
 def up(ctx: click.Context, gpu_list: str | None, exclude: str | None, min_free_mib: int | None, reserve: int | None,
        exclusive: bool | None, slots_per_gpu: int | None, packed_mib: int | None, max_slots: int | None,
-       cpu_workers: int | None) -> None:
+       cpu_workers: int | None, allow_commands: bool) -> None:
     """Start Redis (embedded unless configured), one worker per usable GPU, and Flower."""
     from fleet.launcher import up as do_up
     from fleet.placement import PlacementPolicy
 
-    settings = settings_of(ctx)
+    settings = settings_of(ctx, **({"allow_commands": True} if allow_commands else {}))
     change: dict[str, Any] = {}
     if gpu_list is not None:
         change["gpus"] = "all" if gpu_list.strip() == "all" else _indices("--gpus", gpu_list)

@@ -67,6 +67,9 @@ class Keys:
         # LIST of JSON {reason, queue, worker, at, encoding, message}: what a worker popped from a
         # fleet queue that was not a fleet task (not JSON, pickle, another task), newest first
         self.dead_letters = f"{ns}:dead_letters"
+        # ZSET of JSON [queue list, message] scored by the unix time it is due: retries waiting
+        # out their back-off; the reaper moves due ones to the front of their queue lists
+        self.delayed = f"{ns}:delayed"
 
     def lease(self, sample_id: str) -> str:
         """STRING, TTL lease_ttl_s: the worker token running the sample; gone = worker dead."""
@@ -101,6 +104,9 @@ class TaskPayload(_Strict):
     memory_mib: int = Field(0, ge=0, description="GPU memory the sample declares it needs")
     gpus: int = Field(1, ge=0, description="GPUs the sample holds (0: CPU only)")
     attempt: int = Field(1, ge=1)
+    retries: int | None = Field(
+        None, ge=-1, description="Retries after a retryable failure: -1 forever, 0 none, N; None: the settings' "
+        "max_attempts - 1")
     shared: dict[str, Any] = Field(default_factory=dict)
     body: dict[str, Any] = Field(default_factory=dict)
 
@@ -185,6 +191,7 @@ class WorkerEntry(BaseModel):
     hostname: str
     pid: int
     gpus: tuple[int, ...] = Field(description="NVML indices of its GPUs; () for a CPU worker")
+    host_gpus: int | None = Field(None, ge=0, description="GPUs its host has (NVML), for enqueue's feasibility check")
     queues: list[str]
     sample_id: str | None = None
     group: str | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
@@ -18,15 +19,23 @@ from pathlib import Path
 import redis
 from redis.exceptions import LockError
 
-from fleet.contract import Keys, queue_name
+from fleet.contract import Keys, WorkerEntry, queue_name
 from fleet.control import record_priority
 from fleet.errors import BrokerUnavailable, InputError, PlacementError
-from fleet.kinds import KindModules
+from fleet.kinds import KindModules, registry
 from fleet.kinds.base import Experiment, PlanContext, Sample
 from fleet.placement import PlacementPolicy
 from fleet.planner import check_inputs, payload_head, payloads, plan_experiment
 from fleet.publisher import Outgoing, kept_payload, publish
-from fleet.records import CHUNK, adopt_legacy_records, classify, drop_stale_queued, has_legacy_records, queued_value
+from fleet.records import (
+    CHUNK,
+    adopt_legacy_records,
+    classify,
+    drop_stale_queued,
+    has_legacy_records,
+    queued_value,
+    undo,
+)
 from fleet.routing import queue_for_sample
 
 LOCK_TTL_S = 120.0  # a crashed enqueue's lock frees itself after this long
@@ -55,6 +64,7 @@ def enqueue(
     memory_classes_mib: list[int] | None = None,
     kinds: Mapping[str, KindModules] | None = None,
     lock_timeout_s: float = LOCK_WAIT_S,
+    rerun: bool = False,
 ) -> EnqueueResult:
     """Publish every sample of ``exp`` that is neither done nor queued nor running.
 
@@ -62,6 +72,7 @@ def enqueue(
     class, or any GPU); an impossible need fails here, before anything is published.
     One enqueue of the namespace runs at a time (a lock in Redis), so two concurrent
     enqueues of one experiment, or of two that share samples, queue each sample once.
+    ``rerun``: done samples are published again too (their outputs are made anew).
     """
     keys = Keys(namespace)
     lock = client.lock(keys.enqueue_lock, timeout=LOCK_TTL_S, blocking_timeout=lock_timeout_s)
@@ -69,7 +80,7 @@ def enqueue(
         raise BrokerUnavailable(f"another `fleet enqueue` of namespace {namespace!r} has held its lock for "
                                 f"{lock_timeout_s:.0f} s; try again when it has finished")
     try:
-        return _enqueue(client, keys, exp, groups, dry_run, policy, memory_classes_mib, kinds)
+        return _enqueue(client, keys, exp, groups, dry_run, policy, memory_classes_mib, kinds, rerun)
     finally:
         try:
             lock.release()
@@ -80,6 +91,7 @@ def enqueue(
 def _enqueue(
     client: redis.Redis, keys: Keys, exp: Experiment, groups: list[str] | None, dry_run: bool,
     policy: PlacementPolicy | None, memory_classes_mib: list[int] | None, kinds: Mapping[str, KindModules] | None,
+    rerun: bool = False,
 ) -> EnqueueResult:
     namespace = keys.namespace
     ctx = PlanContext(client, keys, legacy_ids=has_legacy_records(client, keys))
@@ -89,6 +101,9 @@ def _enqueue(
     drop_stale_queued(client, keys, queue_name(namespace, ""))  # a purged queue must not mean "in flight" forever
     state = classify(client, keys, ids, outs)
     todo = [plan.samples[i] for i in state.todo]
+    if rerun:
+        busy = state.queued | state.running
+        todo = [smp for smp in plan.samples if smp.sample_id not in busy]
     if ctx.legacy_ids and todo:
         migrated = adopt_legacy_records(client, keys, todo)
         state.done.update(migrated)
@@ -98,16 +113,20 @@ def _enqueue(
         check_output_root(exp)
         check_output_owners(client, keys, exp, todo)
     check_inputs(plan, todo, ctx, kinds)
+    check_gpu_counts(client, keys, exp, todo)
     policy = policy or PlacementPolicy()
     classes = memory_classes_mib or []
     routes: dict[tuple[str, int, int], str] = {}
+    commands = registry(kinds)[exp.kind].runs_commands  # its own queues: only --allow-commands workers take them
     for need in {(smp.group, smp.memory_mib, smp.gpus) for smp in todo}:
         try:
-            routes[need] = queue_for_sample(need[0], need[1], policy, namespace, classes, need[2])
+            routes[need] = queue_for_sample(need[0], need[1], policy, namespace, classes, need[2], commands)
         except PlacementError as e:
             raise PlacementError(f"{exp.path}: {e}") from None
     if dry_run:
         return EnqueueResult(len(ids), len(state.done), in_flight, 0, todo)
+    if rerun and state.done:
+        undo(client, keys, [smp.sample_id for smp in todo if smp.sample_id in state.done])
     marks = {g: queued_value(exp.name, g) for g in {smp.group for smp in todo}}  # the queued hash's value, once per group
     step = record_priority(client, keys, exp)  # the experiment's priority: its queue lists (fleet.control)
     head = payload_head(plan)
@@ -131,6 +150,39 @@ def _enqueue(
     )
     n = publish(client, keys, items)
     return EnqueueResult(len(ids), len(state.done), in_flight, n)
+
+
+def host_gpu_counts(client: redis.Redis, keys: Keys) -> list[int]:
+    """GPUs of each host that has a live worker (their heartbeat entries), and of this host."""
+    counts: dict[str, int] = {}
+    for raw in client.hvals(keys.workers):
+        try:
+            w = WorkerEntry.model_validate_json(raw)
+        except ValueError:
+            continue
+        if w.host_gpus is not None:
+            counts[w.hostname] = max(counts.get(w.hostname, 0), w.host_gpus)
+    try:
+        from fleet.gpu_inventory import inventory_from_env
+
+        with inventory_from_env() as inv:
+            counts[socket.gethostname()] = max(counts.get(socket.gethostname(), 0), len(inv.snapshot()))
+    except Exception:  # no NVML here (a laptop, a login node): the workers' hosts decide
+        pass
+    return [n for n in counts.values() if n > 0]
+
+
+def check_gpu_counts(client: redis.Redis, keys: Keys, exp: Experiment, todo: list[Sample]) -> None:
+    """Refuse a sample that needs more GPUs than any known host has (hosts with live workers,
+    and this one); with no host known there is nothing to check against."""
+    need = max((smp.gpus for smp in todo), default=0)
+    if need <= 1:
+        return
+    hosts = host_gpu_counts(client, keys)
+    if hosts and need > max(hosts):
+        smp = next(s for s in todo if s.gpus == need)
+        raise PlacementError(f"{exp.path}: {smp.label}: needs {need} GPUs, but the largest host of this fleet "
+                             f"has {max(hosts)}")
 
 
 def check_output_root(exp: Experiment) -> None:

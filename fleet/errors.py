@@ -40,7 +40,20 @@ class ModelLoadError(PermanentError):
 
 
 class GpuOutOfMemory(RetryableError):
-    """CUDA ran out of memory; a larger memory class or a freer GPU may succeed."""
+    """CUDA ran out of memory; a larger memory class or a freer GPU may succeed.
+
+    ``wait``: the memory may come free where it is (a colleague's process holds it, a
+    shell command's own estimate), so with no larger class the sample retries on its
+    queue after a back-off instead of failing."""
+
+    def __init__(self, message: str = "", wait: bool = False) -> None:
+        super().__init__(message)
+        self.wait = wait
+
+
+class WaitForResources(RetryableError):
+    """Not started: what the sample declared is not free yet (GPU memory held by others).
+    Back to its queue after a back-off, the same attempt (nothing went wrong)."""
 
 
 class Preempted(RetryableError):

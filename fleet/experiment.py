@@ -1,7 +1,8 @@
 """Experiment files: what a user writes to describe thousands of samples.
 
 An experiment file is YAML or JSON with a ``kind``; the kind's producer module validates
-the rest (fleet.kinds). Every error names the file and the field. Relative paths resolve
+the rest (fleet.kinds). A ``.txt`` (``.cmds``, ``.commands``) file is a plain commands file
+(kind commands, seed 003's ``cmd | mem_GB | n_gpus`` lines). Every error names the file and the field. Relative paths resolve
 against the experiment file's folder, so a copied experiment folder works on another host.
 """
 
@@ -25,6 +26,10 @@ def load_experiment(
     output; ``kinds`` are the settings' extra kinds.
     """
     path = Path(path).expanduser()
+    from fleet.kinds.commands import PLAIN_SUFFIXES
+
+    if path.suffix.lower() in PLAIN_SUFFIXES:  # seed 003's plain commands file
+        return producer_kind("commands", kinds, where=str(path)).load_plain(path, default_output)
     data = read_mapping(path, "experiment file", InputError)
     kind = producer_kind(data.get("kind"), kinds, where=str(path))
     return kind.load(path, data, default_output)

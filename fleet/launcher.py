@@ -191,6 +191,7 @@ def child_env(settings: FleetSettings) -> dict[str, str]:
     env["FLEET_BROKER_URL"] = settings.effective_broker_url
     env["FLEET_STATE_DIR"] = str(settings.state_dir)
     env["FLEET_PLACEMENT"] = settings.placement.model_dump_json()
+    env["FLEET_ALLOW_COMMANDS"] = "true" if settings.allow_commands else "false"  # `fleet up --allow-commands`
     if settings.output_roots:
         env["FLEET_OUTPUT_ROOTS"] = json.dumps([str(p) for p in settings.output_roots])
     env["PYTHONUNBUFFERED"] = "1"

@@ -55,9 +55,10 @@ def payloads(plan: Plan, todo: list[Sample], route: Callable[[Sample], str]) -> 
         gj = group_json.get(smp.group)
         if gj is None:
             gj = group_json[smp.group] = enc(smp.group)
+        retries = "" if smp.retries is None else f',"retries":{smp.retries}'
         tail = (
             f',"sample_id":"{smp.sample_id}","group":{gj},"label":{enc(smp.label)}'
-            f',"output_path":{enc(smp.output_path)},"memory_mib":{smp.memory_mib},"gpus":{smp.gpus}'
+            f',"output_path":{enc(smp.output_path)},"memory_mib":{smp.memory_mib},"gpus":{smp.gpus}{retries}'
             f',"body":{dumps(smp.body)}}}'
         )
         yield smp, route(smp), head + tail

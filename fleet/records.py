@@ -159,6 +159,17 @@ def queued_value(experiment: str, group: str) -> str:
 
 
 # ---- worker side -----------------------------------------------------------------------------
+def undo(client: redis.Redis, keys: Keys, sample_ids: Sequence[str]) -> None:
+    """Make done samples to-do again (``fleet enqueue --rerun``): their done marks go, their
+    records stay until the new run replaces them."""
+    for i in range(0, len(sample_ids), CHUNK):
+        chunk = list(sample_ids[i : i + CHUNK])
+        pipe = client.pipeline(transaction=True)
+        pipe.srem(keys.done, *chunk)
+        pipe.hdel(keys.done_bytes, *chunk)
+        pipe.execute()
+
+
 def is_done(client: redis.Redis, keys: Keys, sample_id: str, output_path: str) -> bool:
     """Done: a record, and the output in place with the recorded size (see classify)."""
     pipe = client.pipeline(transaction=False)
@@ -290,11 +301,13 @@ def give_back(
 
 def requeue(
     client: redis.Redis, keys: Keys, sample_id: str, queue: str, message: bytes, queued: str,
-    failure: FailureRecord | None, payload: str, keep_deliveries: bool = False,
+    failure: FailureRecord | None, payload: str, keep_deliveries: bool = False, delay_s: float = 0.0,
 ) -> None:
     """Atomically end a run and publish the sample again at the front of its queue (a retry
     after a retryable error, or a preempted sample): it has waited its turn once already.
-    ``keep_deliveries``: a preempted sample's starts keep counting (it did not crash)."""
+    ``keep_deliveries``: a preempted sample's starts keep counting (it did not crash).
+    ``delay_s`` > 0: the message waits in the delayed set until then (a back-off); the
+    reaper moves it to the front of its queue (``release_delayed``). It counts as queued."""
     pipe = client.pipeline(transaction=True)
     if failure is not None:
         pipe.hset(keys.failed, sample_id, failure.model_dump_json(by_alias=True))
@@ -304,8 +317,41 @@ def requeue(
     pipe.delete(keys.lease(sample_id))
     pipe.hset(keys.queued, sample_id, queued)
     pipe.hset(keys.payloads, sample_id, payload)
-    pipe.rpush(queue, message)  # kombu pops from the right: RPUSH is the front of the queue
+    if delay_s > 0:
+        # The message is JSON text (kombu's envelope): it rides inside the member as a string.
+        pipe.zadd(keys.delayed, {json.dumps([queue, message.decode()]): time.time() + delay_s})
+    else:
+        pipe.rpush(queue, message)  # kombu pops from the right: RPUSH is the front of the queue
     pipe.execute()
+
+
+_RELEASE_DELAYED = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+for _, member in ipairs(due) do
+  redis.call('ZREM', KEYS[1], member)
+  local item = cjson.decode(member)
+  redis.call('RPUSH', item[1], item[2])
+end
+return #due
+"""
+
+
+def release_delayed(client: redis.Redis, keys: Keys, now: float | None = None) -> int:
+    """Move every delayed retry that is due to the front of its queue list, atomically (one
+    script); returns how many."""
+    script = client.register_script(_RELEASE_DELAYED)
+    now = time.time() if now is None else now
+    moved = 0
+    while True:
+        n = int(script(keys=[keys.delayed], args=[repr(now)]))
+        moved += n
+        if n < 1000:
+            return moved
+
+
+def delayed_messages(client: redis.Redis, keys: Keys) -> list[tuple[str, bytes]]:
+    """(queue list, message) of every delayed retry."""
+    return [(lst, msg.encode()) for lst, msg in (json.loads(m) for m in client.zrange(keys.delayed, 0, -1))]
 
 
 KOMBU_UNACKED = "unacked"  # kombu's Redis transport: delivery tag -> [message, exchange, routing key]
@@ -323,7 +369,7 @@ def stale_queued(client: redis.Redis, keys: Keys, queue_prefix: str) -> list[str
 
     queues = [q for q in client.scan_iter(match=f"{queue_prefix}*", count=1000)]
     queues += control.parked_lists(client, keys)  # a paused experiment's parked messages are present (fleet.control)
-    waiting = sum(client.llen(q) for q in queues)
+    waiting = sum(client.llen(q) for q in queues) + client.zcard(keys.delayed)  # retries in their back-off too
     # Delivered but not acked yet: ours only (the hash is shared by every app of this db,
     # and holds a killed worker's message for the whole visibility timeout).
     delivered = []
@@ -337,7 +383,8 @@ def stale_queued(client: redis.Redis, keys: Keys, queue_prefix: str) -> list[str
     if client.hlen(keys.queued) <= waiting + len(delivered):
         return []
     live: set[str] = set()
-    for raw in [m for q in queues for m in client.lrange(q, 0, -1)] + delivered:
+    backing_off = [m for _, m in delayed_messages(client, keys)]
+    for raw in [m for q in queues for m in client.lrange(q, 0, -1)] + delivered + backing_off:
         try:
             env = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
             live.add(json.loads(base64.b64decode(env["body"]))[0][0]["sample_id"])

@@ -33,6 +33,25 @@ def pin_queue(namespace: str, gpus: Iterable[int]) -> str:
     return queue_name(namespace, pin_need(gpus))
 
 
+COMMANDS_TAG = "cmd."  # the twin queues of shell commands: <ns>.q.cmd.<need>
+
+
+def commands_twin(namespace: str, queue: str) -> str:
+    """The queue of shell commands with the same need as ``queue``: only workers started
+    with --allow-commands consume it, so a locked worker never even receives a command."""
+    prefix = queue_name(namespace, "")
+    need = queue[len(prefix):] if queue.startswith(prefix) else queue
+    return need if need.startswith(prefix + COMMANDS_TAG) else prefix + COMMANDS_TAG + need
+
+
+def untwinned(namespace: str, queue: str) -> tuple[str, bool]:
+    """(the plain queue of ``queue``, whether ``queue`` is a commands twin)."""
+    twin = queue_name(namespace, COMMANDS_TAG)
+    if queue.startswith(twin):
+        return queue_name(namespace, queue[len(twin):]), True
+    return queue, False
+
+
 def all_queues_prefix(namespace: str) -> str:
     """What every queue name of the namespace starts with."""
     return queue_name(namespace, "")
@@ -70,8 +89,15 @@ def pin_need(gpus: Iterable[int]) -> str:
 
 
 def queue_for_sample(category: str, memory_mib: int, policy: PlacementPolicy, namespace: str,
-                     memory_classes: Iterable[int], n_gpus: int = 1) -> str:
-    """Where the producer publishes a sample: pinned GPUs, multi-GPU, memory class, or shared."""
+                     memory_classes: Iterable[int], n_gpus: int = 1, runs_commands: bool = False) -> str:
+    """Where the producer publishes a sample: pinned GPUs, multi-GPU, memory class, or shared
+    (the commands twin of that queue for a kind that runs shell commands)."""
+    q = _plain_queue_for_sample(category, memory_mib, policy, namespace, memory_classes, n_gpus)
+    return commands_twin(namespace, q) if runs_commands else q
+
+
+def _plain_queue_for_sample(category: str, memory_mib: int, policy: PlacementPolicy, namespace: str,
+                            memory_classes: Iterable[int], n_gpus: int) -> str:
     if category in policy.assignment:
         return pin_queue(namespace, policy.assignment[category])
     if n_gpus > 1:
@@ -83,7 +109,8 @@ def queue_for_sample(category: str, memory_mib: int, policy: PlacementPolicy, na
 
 
 def queues_for_gpu(
-    gpu_index: int, snapshot: GpuSnapshot, policy: PlacementPolicy, namespace: str, memory_classes: Iterable[int]
+    gpu_index: int, snapshot: GpuSnapshot, policy: PlacementPolicy, namespace: str, memory_classes: Iterable[int],
+    allow_commands: bool = False,
 ) -> list[str]:
     """Queues a worker on this GPU consumes, most specific first.
 
@@ -97,11 +124,19 @@ def queues_for_gpu(
         raise PlacementError(f"snapshot of GPU {snapshot.index} given for GPU {gpu_index}")
     if not in_pool(gpu_index, policy):
         raise PlacementError(f"GPU {gpu_index} is excluded or outside the GPU pool {policy.gpus}")
-    return queues_for_worker(namespace, (gpu_index,), policy, memory_classes, snapshot.memory_total_mib)
+    return queues_for_worker(namespace, (gpu_index,), policy, memory_classes, snapshot.memory_total_mib, allow_commands)
 
 
 def queues_for_worker(namespace: str, gpus: tuple[int, ...], policy: PlacementPolicy, memory_classes: Iterable[int],
-                      memory_total_mib: int | None = None) -> list[str]:
+                      memory_total_mib: int | None = None, allow_commands: bool = False) -> list[str]:
+    """What a worker holding ``gpus`` consumes unless told, most specific first; with
+    ``allow_commands`` each queue is followed by its commands twin."""
+    qs = _queues_for_worker(namespace, gpus, policy, memory_classes, memory_total_mib)
+    return [x for q in qs for x in ((q, commands_twin(namespace, q)) if allow_commands else (q,))]
+
+
+def _queues_for_worker(namespace: str, gpus: tuple[int, ...], policy: PlacementPolicy, memory_classes: Iterable[int],
+                       memory_total_mib: int | None = None) -> list[str]:
     """What a worker holding ``gpus`` consumes unless told, most specific first.
 
     A CPU worker (``()``) takes every memory class (it has no GPU memory to run out of)
@@ -123,6 +158,10 @@ def queues_for_worker(namespace: str, gpus: tuple[int, ...], policy: PlacementPo
 def queue_after_oom(queue: str, memory_mib: int, namespace: str, memory_classes: Iterable[int]) -> str | None:
     """Where a sample goes after running out of memory on ``queue``: the next larger memory
     class, or None when there is none (the sample then fails as OOM)."""
+    queue, twin = untwinned(namespace, queue)
+    if twin:
+        moved = queue_after_oom(queue, memory_mib, namespace, memory_classes)
+        return commands_twin(namespace, moved) if moved is not None else None
     classes = list(memory_classes)
     if not classes:
         return None

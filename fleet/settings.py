@@ -59,6 +59,13 @@ class FleetSettings(BaseSettings):
     lease_ttl_s: float = Field(30.0, gt=0, description="A running sample's lease; a worker that stops renewing it is dead.")
     heartbeat_s: float = Field(5.0, gt=0, description="How often a worker renews its lease and looks for dead ones.")
     max_attempts: int = Field(3, ge=1, description="Attempts per sample for retryable errors (OOM, lost connection).")
+    retry_backoff_s: float = Field(
+        5.0, ge=0, description="Wait before a sample's second attempt on the same queue; doubles per attempt (0: none).")
+    retry_backoff_max_s: float = Field(300.0, ge=0, description="The longest wait between two attempts.")
+    allow_commands: bool = Field(
+        False, description="This worker runs shell commands (kind commands). Off: it refuses them with a record.")
+    command_grace_s: float = Field(
+        10.0, ge=0, description="A stopped command's process group gets SIGTERM, then SIGKILL after this.")
     max_deliveries: int = Field(
         3, ge=1, description="Times a sample may start; one that keeps killing its worker fails after this many."
     )

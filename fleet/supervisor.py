@@ -22,12 +22,12 @@ import redis
 
 from fleet.broker import connect
 from fleet.contract import WORKER_EXIT_BROKEN, Keys, WorkerEntry
-from fleet.errors import BrokerUnavailable
+from fleet.errors import BrokerUnavailable, PlacementError
 from fleet.gpu_inventory import GpuSnapshot, Inventory, inventory_from_env
 from fleet.launcher import run_dir, write_json_atomic
 from fleet.placement import PlacementPolicy, choose_group, eligible_gpus
 from fleet.priority import queue_length
-from fleet.routing import group_queue
+from fleet.routing import commands_twin, group_queue
 from fleet.settings import FleetSettings, load_settings
 from fleet.worker_launch import worker_command, worker_name
 
@@ -94,7 +94,13 @@ class Supervisor:
         plans: list[WorkerPlan] = []
         grouped: set[int] = set()
         for n in self._multi_gpu_demand():  # multi-GPU work goes first (seed 003 §5.3)
-            group = choose_group([d for d in decisions if d.index not in grouped], n, self.policy)
+            try:
+                group = choose_group([d for d in decisions if d.index not in grouped], n, self.policy)
+            except PlacementError:
+                # Not enough GPUs left beside the larger groups formed above (4 GPUs, 3- and
+                # 2-GPU work queued): this one waits for them. A need no host can ever meet
+                # is refused at enqueue (fleet.enqueue.check_gpu_counts).
+                continue
             if group:
                 grouped.update(group)
                 ids = tuple(sorted(group))
@@ -109,20 +115,25 @@ class Supervisor:
         """GPU counts of multi-GPU work that is queued or still running here, most GPUs first."""
         if self.client is None:
             return []
-        ns = self.settings.namespace
         busy = {len(r.plan.gpus) for r in self.running.values() if r.plan.is_group and not r.stopping}
         want = set()
         for n in range(16, 1, -1):
             if n in busy and self._group_busy(n):
                 want.add(n)
-            elif queue_length(self.client, group_queue(ns, n)):  # every priority list (fleet.priority)
+            elif self._group_queued(n):
                 want.add(n)
         return sorted(want, reverse=True)
+
+    def _group_queued(self, n: int) -> bool:
+        """Samples needing n GPUs are queued (every priority list; commands too when allowed)."""
+        ns = self.settings.namespace
+        qs = [group_queue(ns, n)] + ([commands_twin(ns, group_queue(ns, n))] if self.settings.allow_commands else [])
+        return any(queue_length(self.client, q) for q in qs)
 
     def _group_busy(self, n: int) -> bool:
         """A group worker of n GPUs still has queued work or a sample running."""
         ns = self.settings.namespace
-        if queue_length(self.client, group_queue(ns, n)):
+        if self._group_queued(n):
             return True
         fresh = time.time() - max(15.0, 3 * self.settings.heartbeat_s)
         for raw in self.client.hvals(Keys(ns).workers):

@@ -63,6 +63,7 @@ def worker_command(
     env.setdefault("TQDM_DISABLE", "1")  # diffsynth's progress bars would flood the worker log
     if settings.broker_url is None:
         env["FLEET_BROKER_URL"] = settings.effective_broker_url
+    env["FLEET_ALLOW_COMMANDS"] = "true" if settings.allow_commands else "false"
     env["CUDA_VISIBLE_DEVICES"] = gpus_arg(gpus)
     if device == "auto":
         device = "cpu" if not gpus or os.environ.get(FAKE_GPUS_ENV) else "cuda"
@@ -76,5 +77,5 @@ def default_queues(settings: FleetSettings, gpus: tuple[int, ...], snapshot: Gpu
     """What a worker consumes unless told: see fleet.routing.queues_for_worker."""
     ns, classes = settings.namespace, settings.memory_classes_mib
     if len(gpus) == 1 and snapshot is not None and snapshot.index == gpus[0]:
-        return queues_for_gpu(gpus[0], snapshot, settings.placement, ns, classes)
-    return queues_for_worker(ns, gpus, settings.placement, classes)
+        return queues_for_gpu(gpus[0], snapshot, settings.placement, ns, classes, settings.allow_commands)
+    return queues_for_worker(ns, gpus, settings.placement, classes, allow_commands=settings.allow_commands)

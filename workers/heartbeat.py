@@ -56,6 +56,7 @@ class Heartbeat(threading.Thread):
             hostname=self.runner.hostname,
             pid=os.getpid(),
             gpus=self.runner.gpus,
+            host_gpus=self.runner.host_gpus,
             queues=self.queues,
             sample_id=cur.sample_id if cur else None,
             group=cur.group if cur else None,
@@ -74,6 +75,9 @@ class Heartbeat(threading.Thread):
         if not r.set(keys.reaper_lock, self.runner.worker, nx=True, px=int(s.heartbeat_s * 1000)):
             return
         self._forget_dead_workers()
+        moved = records.release_delayed(r, keys)
+        if moved:
+            log.info("%d retries done waiting out their back-off: queued again", moved)
         for sid in records.recover_lost(r, keys, all_queues_prefix(s.namespace), max(10.0, 2 * s.heartbeat_s)):
             log.warning("sample %s: its message was lost (Redis restart?); published it again", sid)
         for sid, entry in self._confirmed_orphans():

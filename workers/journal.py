@@ -79,6 +79,7 @@ def _apply(client: redis.Redis, keys: Keys, e: dict[str, Any]) -> None:
     elif op == "requeue":
         failure = FailureRecord.model_validate_json(e["failure"]) if e.get("failure") else None
         records.requeue(client, keys, e["sample_id"], e["queue"], base64.b64decode(e["message"]), e["queued"],
-                        failure, e["payload"], keep_deliveries=bool(e.get("keep_deliveries")))
+                        failure, e["payload"], keep_deliveries=bool(e.get("keep_deliveries")),
+                        delay_s=float(e.get("delay_s") or 0.0))
     else:
         log.error("journal: unknown operation %r skipped", op)

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from fleet import records
 from fleet.contract import CompletionRecord, FailureRecord, Keys, MetricValue, RunningEntry, TaskPayload
 from fleet.error_policy import Action, decide
-from fleet.errors import PermanentError, Preempted
+from fleet.errors import PermanentError, Preempted, WaitForResources
 from fleet.publisher import encode_message, kept_payload
 from fleet.settings import FleetSettings
 from workers import control_hooks
@@ -72,7 +72,7 @@ class SampleRunner:
         self.worker = worker
         self.gpus = gpus
         self.device = device
-        self.jobs = jobs or JobRegistry(settings.kinds)
+        self.jobs = jobs or JobRegistry(settings.kinds, allow_commands=settings.allow_commands)
         self.models = ModelCache()
         self.hostname = socket.gethostname()
         self.current: Current | None = None
@@ -86,6 +86,8 @@ class SampleRunner:
         self.failed_count = 0  # samples this process failed for good
         self.allowed_roots = settings.allowed_output_roots()
         self.journal = Journal(settings.state_dir / "journal" / f"{worker}.jsonl")
+        self.host_gpus = _host_gpus()  # for enqueue's "more GPUs than any host has" check
+
 
     def run(self, payload: object, queue: str) -> str:
         """Run one delivered payload; returns the outcome (done, failed, retried, skipped-*)."""
@@ -142,7 +144,7 @@ class SampleRunner:
             gpus=self.gpus, device=self.device, models=self.models,
             work_dir=Path(task.output_root) / WORK_DIR_NAME / task.sample_id,
             stopping=control_hooks.sample_stop(self, task.sample_id), attempt=task.attempt, on_report=on_report,
-            threads=self.settings.torch_threads,
+            threads=self.settings.torch_threads, stop_grace_s=self.settings.command_grace_s,
         )
 
     def _execute(self, task: TaskPayload, queue: str, deliveries: int) -> str:
@@ -243,16 +245,22 @@ class SampleRunner:
             msg = encode_message(nxt.to_json(), target, f"{task.label} (attempt {nxt.attempt})", priority=step)
             queued = records.queued_value(task.experiment, task.group)
             kept = kept_payload(target, nxt.to_json())
+            waiting = isinstance(e, WaitForResources)
+            if waiting:
+                failure = None  # not a failure: it did not start
+            delay = verdict.delay_s
             self._persist(
                 lambda: records.requeue(self.client, self.keys, task.sample_id, lst, msg, queued, failure,
-                                        kept, keep_deliveries=preempted),
+                                        kept, keep_deliveries=preempted or waiting, delay_s=delay),
                 f"the retry of {task.sample_id}", "requeue", sample_id=task.sample_id, queue=lst,
-                message=base64.b64encode(msg).decode(), queued=queued, payload=kept, keep_deliveries=preempted,
+                message=base64.b64encode(msg).decode(), queued=queued, payload=kept,
+                keep_deliveries=preempted or waiting, delay_s=delay,
                 failure=failure.model_dump_json(by_alias=True) if failure is not None else None,
             )
-            log.warning("%s %s (attempt %d -> %d) on %s: %s", "requeue" if preempted else "retry",
-                        task.sample_id, task.attempt, nxt.attempt, target, e)
-            return "requeued" if preempted else "retried"
+            log.warning("%s %s (attempt %d -> %d) on %s%s: %s", "requeue" if preempted or waiting else "retry",
+                        task.sample_id, task.attempt, nxt.attempt, target,
+                        f" in {delay:.0f} s" if delay else "", e)
+            return "requeued" if preempted or waiting else "retried"
         self._fail(task, verdict.error, final=True)
         log.error("failed %s (%s): %s", task.sample_id, type(verdict.error).__name__, verdict.error)
         return "failed"
@@ -297,3 +305,14 @@ class SampleRunner:
         failure = self._failure_record(sid, str(d.get("experiment", "?")), str(d.get("kind", "?")),
                                        str(d.get("group", "?")), str(d.get("label", "")), e, 1, False)
         self._record_failure(failure, final=True)
+
+
+def _host_gpus() -> int | None:
+    """GPUs of this host (NVML, or the fake inventory); None when it cannot be read."""
+    from fleet.gpu_inventory import inventory_from_env
+
+    try:
+        with inventory_from_env() as inv:
+            return len(inv.snapshot())
+    except Exception:  # no NVML library, a driver fault: the check then relies on other hosts
+        return None

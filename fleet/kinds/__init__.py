@@ -32,11 +32,14 @@ class KindModules(BaseModel):
 
     planner: str = Field(min_length=1, description="Producer side: a module exposing KIND")
     job: str = Field(min_length=1, description="Worker side: a module exposing run(task, context)")
+    runs_commands: bool = Field(
+        False, description="Its jobs run shell commands: only workers started with --allow-commands run them")
 
 
 BUILTIN: dict[str, KindModules] = {
     "video": KindModules(planner="fleet.kinds.video", job="workers.jobs.video"),
     "image": KindModules(planner="fleet.kinds.image", job="workers.jobs.image"),
+    "commands": KindModules(planner="fleet.kinds.commands", job="workers.jobs.commands", runs_commands=True),
 }
 
 

@@ -25,11 +25,11 @@ class Sample:
     samples it publishes, so a re-plan of 100,000 done samples does not build 100,000 dicts.
     """
 
-    __slots__ = ("sample_id", "group", "output_path", "memory_mib", "gpus", "aliases", "_label", "_body",
+    __slots__ = ("sample_id", "group", "output_path", "memory_mib", "gpus", "aliases", "retries", "_label", "_body",
                  "_describe", "_detail")
 
     def __init__(self, sample_id: str, group: str, label: str, output_path: str, body: dict[str, Any],
-                 memory_mib: int = 0, gpus: int = 1, aliases: tuple[str, ...] = ()) -> None:
+                 memory_mib: int = 0, gpus: int = 1, aliases: tuple[str, ...] = (), retries: int | None = None) -> None:
         self.sample_id = sample_id  # deterministic over everything that decides the output
         self.group = group  # what status counts it under (category, CSV, grid)
         self.output_path = output_path  # absolute; done = record + this file
@@ -38,6 +38,7 @@ class Sample:
         # Ids the same sample had under an earlier id scheme (only when PlanContext.legacy_ids):
         # a record under one of them, with the file in place, counts as done.
         self.aliases = aliases
+        self.retries = retries  # its own retry limit (-1 forever, 0 none, N); None: the settings' max_attempts
         self._label: str | None = label  # short human description
         self._body: dict[str, Any] | None = body
         self._describe: Callable[[Any], tuple[str, dict[str, Any]]] | None = None
@@ -50,7 +51,7 @@ class Sample:
         """A sample whose (label, body) is ``describe(detail)``, made when first read."""
         smp = cls.__new__(cls)
         smp.sample_id, smp.group, smp.output_path = sample_id, group, output_path
-        smp.memory_mib, smp.gpus, smp.aliases = memory_mib, gpus, aliases
+        smp.memory_mib, smp.gpus, smp.aliases, smp.retries = memory_mib, gpus, aliases, None
         smp._label = smp._body = None
         smp._describe, smp._detail = describe, detail
         return smp

@@ -45,7 +45,8 @@ def wait_for(cond: Callable[[], object], timeout_s: float = 60.0, what: str = "c
 def fleet_env(fleet: dict[str, str]) -> dict[str, str]:
     """This process's environment without any FLEET_ setting, plus fast leases and ``fleet``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    env.update(FLEET_LEASE_TTL_S="3", FLEET_HEARTBEAT_S="0.5", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(FLEET_LEASE_TTL_S="3", FLEET_HEARTBEAT_S="0.5", FLEET_RETRY_BACKOFF_S="0.2", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
     env.update(fleet)
     return env
 
@@ -84,6 +85,18 @@ class Fleet:
     def start_worker(self, slot: int = 0, **extra: str) -> subprocess.Popen:
         """A real `fleet worker --cpu` process; returns once it is consuming."""
         return self.start_workers([slot], **extra)[0]
+
+    def start_named_worker(self, name: str, *args: str, **extra: str) -> subprocess.Popen:
+        """``fleet worker ARGS`` (e.g. ``--gpu 1 --allow-commands`` on a fake inventory); returns
+        once the worker called ``name`` (gpu1, gpus0-1, ...) is consuming."""
+        log_path = self.tmp / f"worker-{name}-{len(self.procs)}.log"
+        p = subprocess.Popen([sys.executable, "-m", "fleet.cli", "worker", *args], env=self.env(**extra),
+                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        full = f"{name}@{socket.gethostname()}"
+        wait_for(lambda: self.client.hexists(self.keys.workers, full) or p.poll() is not None, 60, f"worker {full}")
+        assert p.poll() is None, f"worker exited: {log_path.read_text()[-2000:]}"
+        return p
 
     def start_workers(self, slots: list[int], **extra: str) -> list[subprocess.Popen]:
         """Several `fleet worker --cpu` processes started at once; returns once all are consuming."""

@@ -74,3 +74,38 @@ def test_an_output_the_file_system_refuses_is_the_samples_fault(code: int) -> No
 def test_a_full_disk_is_not_the_samples_fault() -> None:
     v = decide(OSError(28, "No space left on device"), task(), "t.q.gpu", settings())
     assert (v.action, v.worker_suspect) == (Action.RETRY, True)
+
+
+def with_retries(retries: int | None, attempt: int = 1) -> TaskPayload:
+    return task(attempt=attempt).model_copy(update={"retries": retries})
+
+
+def test_a_tasks_own_retries_win_over_max_attempts() -> None:
+    s = settings(max_attempts=3, retry_backoff_s=0)
+    err = BrokerUnavailable("x")
+    assert decide(err, with_retries(0), "t.q.gpu", s).action is Action.FAIL  # 0: no retry
+    assert decide(err, with_retries(5, attempt=5), "t.q.gpu", s).action is Action.RETRY
+    assert decide(err, with_retries(5, attempt=6), "t.q.gpu", s).action is Action.FAIL  # 5 retries = 6 attempts
+    assert decide(err, with_retries(-1, attempt=1000), "t.q.gpu", s).next_attempt == 1001  # -1: forever
+    assert decide(InputError("bad"), with_retries(-1), "t.q.gpu", s).action is Action.FAIL  # permanent: never
+
+
+def test_retries_back_off_doubling_to_a_cap_but_moves_do_not() -> None:
+    s = settings(retry_backoff_s=2, retry_backoff_max_s=10, memory_classes_mib=[24000, 40000, 80000])
+    delays = [decide(BrokerUnavailable("x"), with_retries(-1, attempt=a), "t.q.gpu", s).delay_s for a in (1, 2, 3, 4)]
+    assert delays == [2, 4, 8, 10]
+    move = decide(GpuOutOfMemory("oom"), task(memory_mib=30000), "t.q.mem40000", s)
+    assert (move.action, move.queue, move.delay_s) == (Action.MOVE, "t.q.mem80000", 0.0)
+
+
+def test_oom_that_may_wait_retries_where_it_is_and_commands_move_within_their_twins() -> None:
+    from fleet.errors import WaitForResources
+
+    s = settings(retry_backoff_s=1, memory_classes_mib=[40000, 80000])
+    top = decide(GpuOutOfMemory("oom", wait=True), with_retries(3), "t.q.mem80000", s)
+    assert (top.action, top.queue, top.next_attempt) == (Action.RETRY, "t.q.mem80000", 2)
+    assert decide(GpuOutOfMemory("oom"), with_retries(3), "t.q.mem80000", s).action is Action.FAIL
+    twin = decide(GpuOutOfMemory("oom", wait=True), task(memory_mib=30000), "t.q.cmd.mem40000", s)
+    assert twin.queue == "t.q.cmd.mem80000"
+    wait = decide(WaitForResources("busy"), with_retries(0), "t.q.cmd.gpu", s)
+    assert (wait.action, wait.next_attempt, wait.worker_suspect) == (Action.RETRY, 1, False) and wait.delay_s >= 1

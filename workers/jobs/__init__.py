@@ -23,19 +23,28 @@ class UnknownKind(PermanentError):
     """The task names a kind this worker has no job for."""
 
 
+class CommandsNotAllowed(PermanentError):
+    """The task would run a shell command and this worker was not started with --allow-commands."""
+
+
 class JobRegistry:
-    def __init__(self, extra: Mapping[str, KindModules] | None = None) -> None:
+    def __init__(self, extra: Mapping[str, KindModules] | None = None, allow_commands: bool = False) -> None:
         self._modules = registry(extra)
         self._jobs: dict[str, Job] = {}
+        self.allow_commands = allow_commands
 
     def job(self, kind: str) -> Job:
         """The ``run`` of ``kind``'s job module (imported on first use)."""
         found = self._jobs.get(kind)
         if found is not None:
-            return found
+            return found  # (only ever cached for an allowed kind)
         mods = self._modules.get(kind)
         if mods is None:
             raise UnknownKind(f"this worker has no job for kind {kind!r} (it knows {', '.join(sorted(self._modules))})")
+        if mods.runs_commands and not self.allow_commands:
+            # Checked before the job module is imported: a locked worker never loads it.
+            raise CommandsNotAllowed(f"kind {kind!r} runs shell commands and this worker was not started with "
+                                     "--allow-commands (settings allow_commands); it refuses them")
         run = getattr(importlib.import_module(mods.job), "run", None)
         if not callable(run):
             raise UnknownKind(f"job module {mods.job} of kind {kind!r} has no run(task, context)")

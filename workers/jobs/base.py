@@ -38,7 +38,8 @@ class JobContext:
     ``stopping``: set when the worker is asked to stop (a long job checkpoints and
     raises fleet.errors.Preempted); ``attempt``: this attempt's number (1 = first);
     ``threads``: CPU threads its torch may use (a job that imports torch pins them with
-    ``pin_torch_threads``, so a worker of other kinds never imports torch).
+    ``pin_torch_threads``, so a worker of other kinds never imports torch); ``stop_grace_s``:
+    seconds a stopped job's subprocesses get between SIGTERM and SIGKILL.
     """
 
     gpus: tuple[int, ...]
@@ -48,6 +49,7 @@ class JobContext:
     stopping: threading.Event
     attempt: int = 1
     threads: int = 1  # CPU threads a job's torch may use (the settings' torch_threads)
+    stop_grace_s: float = 10.0  # how long a stopped job's subprocesses get between SIGTERM and SIGKILL
     on_report: Callable[[float | None, dict[str, MetricValue]], None] | None = None
 
     def report(self, progress: float | None = None, **metrics: MetricValue) -> None:
