@@ -295,8 +295,22 @@ def make_tiny_model(directory: Path, kind: str, preset: str) -> None:
         sys.exit(rc)  # the builder said why, in one line
 
 
+@main.command("make-tabular-data")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--rows", type=int, default=50_000, show_default=True, help="Rows in all.")
+@click.option("--parts", type=int, default=4, show_default=True, help="Shards: interactions_part1.csv ... partK.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@handles_errors
+def make_tabular_data(directory: Path, rows: int, parts: int, seed: int) -> None:
+    """Write a synthetic sharded click table (seed 004's shape, a learnable signal) to DIRECTORY."""
+    from fleet.kinds.train.synthetic_data import write_tabular_data
+
+    for path in write_tabular_data(directory, rows, parts, seed):
+        click.echo(path)
+
+
 @main.command()
-@click.argument("kind", type=click.Choice(["video", "image"]), default="video", required=False)
+@click.argument("kind", type=click.Choice(["video", "image", "train"]), default="video", required=False)
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Work folder (default fleet-demo, or fleet-demo-image); the experiment is left at DIR/experiment.yaml.")
 @click.option("--workers", "n_workers", type=int, default=2, show_default=True, help="CPU workers when no GPU is found.")

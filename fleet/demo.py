@@ -132,10 +132,26 @@ def build_image_demo(directory: Path) -> Path:
     return exp
 
 
+def build_train_demo(directory: Path) -> Path:
+    """Write a synthetic sharded click table and a training experiment (a grid of two runs)."""
+    from fleet.kinds.train.synthetic_data import EXPERIMENT as TRAIN_EXPERIMENT
+    from fleet.kinds.train.synthetic_data import write_tabular_data
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / "data").exists():
+        write_tabular_data(directory / "data", rows=40_000, parts=4)
+    exp = directory / "experiment.yaml"
+    if not exp.exists():
+        exp.write_text(TRAIN_EXPERIMENT.format(name="demo-train", epochs=3, use_amp="false"), encoding="utf-8")
+    return exp
+
+
 def build_demo(directory: Path, kind: str = "video") -> Path:
     """Write model, inputs and experiment.yaml of ``kind`` into ``directory``; returns the experiment."""
     if kind == "image":
         return build_image_demo(directory)
+    if kind == "train":
+        return build_train_demo(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _build_model(directory, "video")
     for ci, (cat, videos) in enumerate(CATEGORIES.items()):
@@ -165,8 +181,9 @@ def run_demo(settings: FleetSettings, directory: Path, n_workers: int, kind: str
     directory = directory.resolve()
     if not settings.output_roots and settings.output_dir is None:
         settings = settings.model_copy(update={"output_roots": [directory]})  # the workers may write the demo's outputs
-    what = "4 categories of reference videos" if kind == "video" else "a prompts CSV of 6 rows"
-    click.echo(f"building the demo in {directory} (tiny model, {what}) ...")
+    what = {"video": "a tiny model, 4 categories of reference videos", "image": "a tiny model, a prompts CSV of 6 rows",
+            "train": "a sharded click table, a grid of 2 training runs"}[kind]
+    click.echo(f"building the demo in {directory} ({what}) ...")
     exp_path = build_demo(directory, kind)
     exp = load_experiment(exp_path, settings.output_dir, settings.kinds)
     has_gpu = bool(inventory_from_env().snapshot())
@@ -190,8 +207,8 @@ def run_demo(settings: FleetSettings, directory: Path, n_workers: int, kind: str
                 if time.monotonic() > deadline:
                     raise FleetError(f"demo: not finished after 10 minutes; see the logs in {settings.logs}")
                 time.sleep(0.5)
-        pattern = "*.mp4" if kind == "video" else "*.png"
-        click.echo(f"{kind}s: {exp.output}  (e.g. {next(exp.output.rglob(pattern), 'none')})")
+        pattern = {"video": "*.mp4", "image": "*.png", "train": "metrics.jsonl"}[kind]
+        click.echo(f"outputs: {exp.output}  (e.g. {next(exp.output.rglob(pattern), 'none')})")
         click.echo(f"flower: {info.flower_url}   status: fleet status {exp_path}")
         if d["failed"]:
             raise FleetError(f"demo: {d['failed']} samples failed; see `fleet status` and {settings.logs}")

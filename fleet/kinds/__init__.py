@@ -40,6 +40,7 @@ BUILTIN: dict[str, KindModules] = {
     "video": KindModules(planner="fleet.kinds.video", job="workers.jobs.video"),
     "image": KindModules(planner="fleet.kinds.image", job="workers.jobs.image"),
     "commands": KindModules(planner="fleet.kinds.commands", job="workers.jobs.commands", runs_commands=True),
+    "train": KindModules(planner="fleet.kinds.train", job="workers.jobs.train"),
 }
 
 
