@@ -137,6 +137,17 @@ def auc_score(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((ranked[labels > 0.5].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
+class _GpuBatches:
+    """Batches indexed on the GPU from a table held there, in the sampler's order."""
+
+    def __init__(self, table: Batches, sampler: EpochOrder, dev: torch.device) -> None:
+        self.table, self.sampler, self.dev = table, sampler, dev
+
+    def __iter__(self):
+        for idx in self.sampler:
+            yield self.table[idx.to(self.dev, non_blocking=True)]
+
+
 @dataclass
 class TrainContext:
     device: str
@@ -175,7 +186,8 @@ def train(data: TableData, settings: dict[str, Any], tc: TrainContext) -> dict[s
     mean, std = data.num[train_rows].mean(0), data.num[train_rows].std(0).clamp_min(1e-6)
     num = (data.num - mean) / std
     model = TabularNet(data.cardinalities, num.shape[1], s["embedding_dim"], s["hidden"]).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+    # fused: one kernel for the whole optimiser step on CUDA instead of several per parameter
+    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"], fused=dev.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     ckpt_path = tc.run_dir / "checkpoint.pt"
     state = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "loss_n": 0, "metrics": []}
@@ -196,9 +208,17 @@ def train(data: TableData, settings: dict[str, Any], tc: TrainContext) -> dict[s
 
     sampler = EpochOrder(train_rows, s["batch_size"], s["seed"])
     workers = s["num_workers"]
-    loader = torch.utils.data.DataLoader(
-        Batches(data.cat, num, data.y), sampler=sampler, batch_size=None, num_workers=workers,
-        pin_memory=s["pin_memory"] and dev.type == "cuda", persistent_workers=s["persistent_workers"] and workers > 0)
+    loader: Any
+    if s.get("data_on_gpu") and dev.type == "cuda":
+        # The table once in GPU memory, a batch one indexing there: no worker processes, no
+        # host-to-device copy per step (the GPU's own data path; workers and pinning unused).
+        on_gpu = Batches(data.cat.to(dev), num.to(dev), data.y.to(dev))
+        loader = _GpuBatches(on_gpu, sampler, dev)
+    else:
+        loader = torch.utils.data.DataLoader(
+            Batches(data.cat, num, data.y), sampler=sampler, batch_size=None, num_workers=workers,
+            pin_memory=s["pin_memory"] and dev.type == "cuda",
+            persistent_workers=s["persistent_workers"] and workers > 0)
     batches_per_epoch = -(-len(train_rows) // s["batch_size"])
     lossf = nn.BCEWithLogitsLoss()
     last_save = time.monotonic()
@@ -209,6 +229,14 @@ def train(data: TableData, settings: dict[str, Any], tc: TrainContext) -> dict[s
             t0, seen = time.monotonic(), 0
             tc.telemetry()  # start this epoch's window
             model.train()
+            # The loss is summed on the device: reading it every step (.item()) would wait for
+            # the GPU each time and leave it idle while Python fetches the next batch.
+            loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+
+            def flush_loss() -> None:
+                state["loss_sum"] += float(loss_sum.item())
+                loss_sum.zero_()
+
             for cat, x, y in loader:
                 cat, x, y = (t.to(dev, non_blocking=True) for t in (cat, x, y))
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -218,21 +246,25 @@ def train(data: TableData, settings: dict[str, Any], tc: TrainContext) -> dict[s
                 scaler.step(opt)
                 scaler.update()
                 state["batch"] += 1
-                state["loss_sum"] += loss.item() * len(y)
+                loss_sum += loss.detach().double() * len(y)
                 state["loss_n"] += len(y)
                 seen += len(y)
                 if tc.stopping():
+                    flush_loss()
                     save()
                     raise Preempted(f"stopped at epoch {epoch + 1}, batch {state['batch']}: checkpoint saved")
                 if time.monotonic() - last_save >= s["checkpoint_every_s"]:
+                    flush_loss()
                     save()
                     last_save = time.monotonic()
-                tc.report((epoch + state["batch"] / batches_per_epoch) / s["epochs"], {})
+                if state["batch"] % 20 == 0:
+                    tc.report((epoch + state["batch"] / batches_per_epoch) / s["epochs"], {})
+            flush_loss()
             wall = time.monotonic() - t0
+            gpu = tc.telemetry()  # the training steps' window, evaluation left out
             val = evaluate(model, data.cat[val_rows], num[val_rows], data.y[val_rows], dev, amp_dtype)
             line = {"epoch": epoch + 1, "loss": round(state["loss_sum"] / max(1, state["loss_n"]), 6), **val,
-                    "samples_per_s": round(seen / wall, 1) if wall > 0 else None, "epoch_s": round(wall, 3),
-                    **tc.telemetry()}
+                    "samples_per_s": round(seen / wall, 1) if wall > 0 else None, "epoch_s": round(wall, 3), **gpu}
             state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_n=0)
             state["metrics"].append(line)
             save()

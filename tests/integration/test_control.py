@@ -217,7 +217,7 @@ def runner_for(fleet_ns: Fleet, monkeypatch: pytest.MonkeyPatch):
             return self.the_job
 
     def make(job, **settings: object) -> SampleRunner:
-        s = load_settings(broker_url=fleet_ns.url, namespace=fleet_ns.namespace, output_roots=[fleet_ns.tmp],
+        s = load_settings(broker_url=fleet_ns.url, namespace=fleet_ns.namespace, retry_backoff_s=0, output_roots=[fleet_ns.tmp],
                           state_dir=fleet_ns.tmp / "state", heartbeat_s=0.05, lease_ttl_s=0.2,
                           max_consecutive_errors=100, **settings)
         r = SampleRunner(s, fleet_ns.client, f"cpu0@{socket.gethostname()}", (), "cpu", jobs=OneJob(job))

@@ -34,7 +34,7 @@ def test_a_kind_defined_in_the_tests_runs_through_the_whole_fleet(local_fleet: L
 
     # Without the kind in the settings, the producer refuses it in one line naming the known kinds.
     r = f.fleet("enqueue", str(exp))
-    assert r.returncode == 1 and "kind: must be one of image, video, got 'touch'" in r.stderr
+    assert r.returncode == 1 and "kind: must be one of commands, image, train, video, got 'touch'" in r.stderr
 
     f.fleet("up", "--cpu-workers", "1", check=True, **env)
     res = json.loads(f.fleet("enqueue", str(exp), "--json", check=True, **env).stdout)

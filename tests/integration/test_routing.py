@@ -68,7 +68,7 @@ def runner_for(fleet_ns: Fleet, monkeypatch: pytest.MonkeyPatch):
             return lambda task, ctx: self.the_job(task)
 
     def make(job, classes: list[int] | None = None, **settings: object) -> SampleRunner:
-        s = load_settings(broker_url=fleet_ns.url, namespace=fleet_ns.namespace, output_roots=[fleet_ns.tmp],
+        s = load_settings(broker_url=fleet_ns.url, namespace=fleet_ns.namespace, retry_backoff_s=0, output_roots=[fleet_ns.tmp],
                           state_dir=fleet_ns.tmp / "state", memory_classes_mib=classes or [], **settings)
         r = SampleRunner(s, fleet_ns.client, f"gpu0@{socket.gethostname()}", (0,), "cuda", jobs=OneJob(job))
         return r

@@ -129,7 +129,7 @@ def test_per_category_prompts(exp_dir: Path) -> None:
         ({"frames": 10}, "frames: must be 4k+1"),
         ({"seeds": []}, "seeds: List should have at least 1 item"),
         ({"seeds": [1, 1]}, "seeds: seeds repeat"),
-        ({"kind": "audio"}, "kind: must be one of image, video"),
+        ({"kind": "audio"}, "kind: must be one of commands, image, train, video"),
         ({"model": {"dit": "x"}}, "model: give either dir"),
         ({"mode": "v2v"}, "mode:"),
     ],

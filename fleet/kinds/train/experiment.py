@@ -15,6 +15,7 @@ grid. Every error names the file and the field::
     num_workers: 8              # DataLoader processes
     pin_memory: true
     persistent_workers: true
+    data_on_gpu: false          # true: the table in GPU memory, batches indexed there (no DataLoader)
     use_amp: true
     amp_dtype: bf16             # bf16, or fp16 (with a gradient scaler)
     checkpoint_every_s: 300     # also at every epoch's end
@@ -52,6 +53,9 @@ class RunSettings(BaseModel):
     persistent_workers: bool = True
     use_amp: bool = True
     amp_dtype: Literal["bf16", "fp16"] = "bf16"
+    data_on_gpu: bool = Field(
+        False, description="Keep the whole table in GPU memory and index batches there (no DataLoader): "
+        "for tables that fit, the data path stops being the bottleneck")
     embedding_dim: StrictInt = Field(16, ge=1, le=1024)
     hidden: list[StrictInt] = Field(default_factory=lambda: [256, 128], min_length=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
