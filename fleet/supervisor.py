@@ -2,8 +2,11 @@
 
 Every few seconds it decides which workers this host should run (one per usable GPU,
 or CPU workers when there is none) and reconciles: starts the missing ones, restarts
-crashed ones (with a back-off), and stops with SIGTERM the ones no longer wanted (a
-worker finishes its current sample, then exits: a running sample is never killed).
+crashed ones (with a back-off), and drains with SIGUSR2 the ones no longer wanted (a
+worker finishes its current sample untouched, then exits: a running sample, a shell
+command or a training included, is never stopped for a placement change). `fleet down`
+stops them with SIGTERM: their jobs are asked to stop (commands end, trainings checkpoint)
+and the samples go back to their queues.
 Its decisions are logged with their reasons. ``python -m fleet.supervisor``.
 """
 
@@ -57,7 +60,8 @@ class Running:
     plan: WorkerPlan
     proc: subprocess.Popen
     started: float
-    stopping: bool = False
+    stopping: bool = False  # asked to stop (drain or stop)
+    stopped_hard: bool = False  # asked with SIGTERM: its job stops too
 
 
 @dataclass
@@ -163,12 +167,25 @@ class Supervisor:
         self.running[plan.name] = Running(plan, proc, time.monotonic())
         log.info("start worker %s (pid %d): %s; log %s", plan.name, proc.pid, plan.reason, logf)
 
-    def stop(self, name: str, reason: str) -> None:
+    def stop(self, name: str, reason: str, drain: bool = True) -> None:
+        """Stop a worker. ``drain`` (placement changes): SIGUSR2, its running sample finishes
+        untouched; otherwise (fleet down) SIGTERM, its job is asked to stop (a command ends,
+        a training checkpoints) and the sample goes back to its queue."""
         r = self.running.get(name)
-        if r and not r.stopping and r.proc.poll() is None:
-            r.stopping = True
-            r.proc.send_signal(signal.SIGTERM)
+        if r is None or r.proc.poll() is not None:
+            return
+        if drain and r.stopping:
+            return
+        if not drain and r.stopped_hard:
+            return
+        r.stopping = True
+        if drain:
+            r.proc.send_signal(signal.SIGUSR2)
             log.info("stop worker %s (pid %d) after its current sample: %s", name, r.proc.pid, reason)
+        else:
+            r.stopped_hard = True
+            r.proc.send_signal(signal.SIGTERM)
+            log.info("stop worker %s (pid %d): %s (its running job is asked to stop)", name, r.proc.pid, reason)
 
     def reconcile(self) -> None:
         now = time.monotonic()
@@ -240,7 +257,7 @@ class Supervisor:
     def shutdown(self, grace_s: float = 60.0) -> None:
         self.stopping = True
         for name in list(self.running):
-            self.stop(name, "fleet down")
+            self.stop(name, "fleet down", drain=False)
         deadline = time.monotonic() + grace_s
         for r in self.running.values():
             try:

@@ -1,7 +1,8 @@
-"""GPU telemetry while a job runs: the worker's GPUs sampled through the NVML module
+"""GPU telemetry while work runs: the worker's GPUs sampled through the NVML module
 (fleet.gpu_inventory, the only NVML caller) once a second in a thread; ``window()`` gives
-the figures since the previous call (mean utilisation, peak memory used, mean power, peak
-temperature) and starts a new window. Nothing on a CPU worker."""
+the figures since the previous call and starts a new window. The runner keeps one for the
+worker's life and puts each sample's window in its record; the train job keeps one per run
+for its per-epoch lines. Nothing on a CPU worker."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class GpuTelemetry:
         self.gpus = set(gpus)
         self.interval_s = interval_s
         self._samples: list[tuple[float | None, int, float | None, float | None]] = []
+        self._last: list[tuple[float | None, int, float | None, float | None]] = []  # the latest reading
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -42,22 +44,34 @@ class GpuTelemetry:
                     snaps = [s for s in inv.snapshot() if s.index in self.gpus]
                 except Exception:
                     snaps = []
-                for s in snaps:
-                    with self._lock:
-                        self._samples.append((s.utilization_pct, s.memory_used_mib, s.power_w, s.temperature_c))
+                reading = [(s.utilization_pct, s.memory_used_mib, s.power_w, s.temperature_c) for s in snaps]
+                with self._lock:
+                    self._samples.extend(reading)
+                    self._last = reading
                 self._stop.wait(self.interval_s)
 
+    def start(self) -> GpuTelemetry:
+        return self.__enter__()
+
     def window(self) -> dict[str, Any]:
-        """Figures since the last call: gpu_util_pct (mean), gpu_mem_mib (peak), gpu_power_w (mean),
-        gpu_temp_c (peak); None where nothing was sampled."""
+        """Figures since the last call, over the worker's GPUs: gpu_util_pct (mean) and
+        gpu_util_peak_pct, gpu_mem_mib (peak used) and gpu_mem_mean_mib, gpu_power_w (mean) and
+        gpu_power_peak_w, gpu_temp_c (peak), gpu_samples (readings: a window shorter than the
+        interval gets the latest reading); None where nothing was read yet."""
         with self._lock:
-            samples, self._samples = self._samples, []
+            # A window shorter than the interval holds no reading: it gets the latest one.
+            samples, self._samples = (self._samples or list(self._last)), []
         util = [u for u, _, _, _ in samples if u is not None]
+        mem = [m for _, m, _, _ in samples]
         power = [p for _, _, p, _ in samples if p is not None]
         temp = [t for _, _, _, t in samples if t is not None]
+
+        def mean(xs: list) -> float | None:
+            return round(sum(xs) / len(xs), 1) if xs else None
+
         return {
-            "gpu_util_pct": round(sum(util) / len(util), 1) if util else None,
-            "gpu_mem_mib": max((m for _, m, _, _ in samples), default=None),
-            "gpu_power_w": round(sum(power) / len(power), 1) if power else None,
-            "gpu_temp_c": max(temp) if temp else None,
+            "gpu_util_pct": mean(util), "gpu_util_peak_pct": max(util) if util else None,
+            "gpu_mem_mib": max(mem) if mem else None, "gpu_mem_mean_mib": mean(mem),
+            "gpu_power_w": mean(power), "gpu_power_peak_w": round(max(power), 1) if power else None,
+            "gpu_temp_c": max(temp) if temp else None, "gpu_samples": len(samples),
         }

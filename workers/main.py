@@ -9,6 +9,9 @@ Stopping (docs/ARCHITECTURE.md, "Workers"):
 - SIGTERM or a first Ctrl-C: Celery's warm shutdown. The worker takes no more work, its
   sample finishes (or its job, which sees ``JobContext.stopping``, gives it back), then it
   exits.
+- SIGUSR2 (the supervisor's placement changes): drain. It takes no more work and exits
+  when the running sample has finished; the job is not told to stop. A SIGTERM while
+  draining tells it to stop after all.
 - A second Ctrl-C (after either), or SIGQUIT: it stops at once. Its running sample goes
   back to the front of its queue, the same attempt, in one Redis script
   (``fleet.records.give_back``), and the process exits with EXIT_INTERRUPTED. Celery's own
@@ -132,13 +135,14 @@ class Stopper:
     the ``should_stop`` flag its loop polls). No signal is blocked anywhere, so processes
     a job starts get the usual signals."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR2)
 
     def __init__(self, runner, beat, node: str) -> None:  # (SampleRunner, Heartbeat, worker name)
         self.runner = runner
         self.beat = beat
         self.node = node
         self.asked = False  # a warm shutdown is under way
+        self.draining = False  # ... asked by SIGUSR2: the running job is not told to stop
         self.leaving = False
 
     def install(self) -> None:
@@ -164,10 +168,19 @@ class Stopper:
         if signum == signal.SIGQUIT or (signum == signal.SIGINT and self.asked):
             self.now(signum)
             return
+        if self.asked and self.draining and signum == signal.SIGTERM:
+            # Draining, and now asked to stop (fleet down): the running job is told to stop too.
+            self.draining = False
+            self.runner.stopping.set()
+            log.info("SIGTERM while draining: the running job is asked to stop (JobContext.stopping)")
+            return
         if self.asked:
             log.info("%s: already stopping after the current sample (Ctrl-C: at once)", signal.Signals(signum).name)
             return
         self.asked = True
+        if signum == signal.SIGUSR2:
+            self.drain()
+            return
         from celery.platforms import EX_FAILURE, EX_OK
         from celery.worker import state
 
@@ -180,6 +193,17 @@ class Stopper:
                                               exitcode=code)
         finally:
             state.should_stop = code  # what Celery's loop polls; as Celery's own handler sets it
+
+    def drain(self) -> None:
+        """SIGUSR2 (the supervisor's placement changes): take no more work and exit once the
+        running sample has finished, the job left alone (a shell command or a training runs
+        to its end rather than being stopped and run again)."""
+        from celery.platforms import EX_OK
+        from celery.worker import state
+
+        self.draining = True
+        log.info("SIGUSR2: draining: the running sample finishes, then the worker exits (SIGTERM: stop it too)")
+        state.should_stop = EX_OK
 
     def now(self, signum: int) -> None:
         """Give the running sample back and exit, without waiting for the job (a thread

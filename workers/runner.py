@@ -32,6 +32,7 @@ from fleet.publisher import encode_message, kept_payload
 from fleet.settings import FleetSettings
 from workers import control_hooks
 from workers.confinement import ForbiddenOutput, confine
+from workers.gpu_telemetry import GpuTelemetry
 from workers.jobs import JobRegistry
 from workers.jobs.base import JobContext
 from workers.journal import Journal
@@ -87,6 +88,8 @@ class SampleRunner:
         self.allowed_roots = settings.allowed_output_roots()
         self.journal = Journal(settings.state_dir / "journal" / f"{worker}.jsonl")
         self.host_gpus = _host_gpus()  # for enqueue's "more GPUs than any host has" check
+        # NVML once a second for the worker's life; each sample's window goes in its record.
+        self.telemetry = GpuTelemetry(gpus).start()
 
 
     def run(self, payload: object, queue: str) -> str:
@@ -150,11 +153,14 @@ class SampleRunner:
     def _execute(self, task: TaskPayload, queue: str, deliveries: int) -> str:
         t0 = time.monotonic()
         log.info("start %s: %s %s (attempt %d)", task.sample_id, task.kind, task.label, task.attempt)
+        self.telemetry.window()  # this sample's window starts now
         try:
             job = self.jobs.job(task.kind)
             outcome = job(task, self._context(task))
         except Exception as e:  # classified below; the worker itself must survive any sample
+            self._note_telemetry()
             return self._on_error(task, queue, e)
+        self._note_telemetry()
         with self.lock:
             reported = dict(self.current.metrics) if self.current is not None else {}
         try:
@@ -192,6 +198,16 @@ class SampleRunner:
             f"loaded in {record.model_load_s:.2f}s" if record.model_loaded else "resident", record.output_path,
         )
         return "done"
+
+    def _note_telemetry(self) -> None:
+        """The GPU figures of the sample that just ran, into what its record keeps (GPU workers only)."""
+        if not self.gpus:
+            return
+        figures = {k: v for k, v in self.telemetry.window().items() if v is not None}
+        with self.lock:
+            if self.current is not None:
+                for k, v in figures.items():
+                    self.current.metrics.setdefault(k, v)  # a job's own figure of the same name wins
 
     def on_broken(self, why: str) -> None:
         """Stop taking work: a warm shutdown (the current sample's outcome is recorded first);

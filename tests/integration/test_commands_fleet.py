@@ -92,6 +92,9 @@ def test_commands_get_their_gpus_logs_and_error_classes(fleet_ns: Fleet, tmp_pat
     one = done["commands[0] (one)"]
     assert one.metrics["exit_code"] == 0 and "GPU 2 CVD 2" in str(one.metrics["output_tail"])
     assert "@" in str(one.metrics["enqueued_by"]) and one.gpus == [2]
+    # The worker's GPU telemetry (NVML; here the fake inventory) is in every record of a GPU worker.
+    assert one.metrics["gpu_mem_mib"] == 81559 - 81000 and one.metrics["gpu_util_pct"] == 0
+    assert one.metrics["gpu_samples"] >= 1
     log = Path(str(one.metrics["log"]))
     assert log.name.endswith(".1.log") and "GPU 2 CVD 2" in log.read_text()
     assert json.loads(Path(one.output_path).read_text())["exit_code"] == 0
