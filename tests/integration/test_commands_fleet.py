@@ -16,6 +16,7 @@ import yaml
 
 from fleet.contract import CompletionRecord, FailureRecord
 from tests.integration.conftest import Fleet, pid_gone, wait_for
+from tests.unit.test_commands_file import SEED_003_SECTION_7  # seed 003 §7, as its bash array holds it
 
 pytestmark = pytest.mark.integration
 
@@ -197,19 +198,6 @@ def test_cancel_stop_and_death_end_the_whole_process_tree(fleet_ns: Fleet, tmp_p
     os.kill(w3.pid, signal.SIGKILL)  # the worker process only, as the OOM killer would
     wait_for(lambda: all(pid_gone(p) for p in pids), 30, "the dead worker's tree to end")
 
-
-SEED_003_SECTION_7 = r'''COMMANDS=(
-    "bash scripts/run_pipeline.sh aircraft --gpu \${available_gpu} | 35 | 1"
-    "bash scripts/run_fast_slow.sh eurosat --gpu \${available_gpu} | 20 | 1"
-    "bash scripts/run_ddp.sh model1 --gpus \${available_gpu_0},\${available_gpu_1} | 40 | 2"
-    "CUDA_VISIBLE_DEVICES=\${available_gpu} python train.py --epochs 100 | 18 | 1"
-    "python train.py --gpu \${available_gpu} --lr 0.001 | 20 | 1"
-    "CUDA_VISIBLE_DEVICES=\${available_gpu_0},\${available_gpu_1} python -m torch.distributed.launch train.py | 40 | 2"
-    "python train_multi.py --gpus \${available_gpu_0} \${available_gpu_1} \${available_gpu_2} | 50 | 3"
-    "python preprocess.py --input data/ --output processed/ | 0 | 0"
-    "bash scripts/analyze.sh | 0 | 0"
-)
-'''
 
 REPORT_SH = 'echo "$0 $* CVD=$CUDA_VISIBLE_DEVICES" >> ran.txt\n'
 REPORT_PY = ('import os, sys\nwith open("ran.txt", "a") as f:\n'

@@ -12,8 +12,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from fleet.contract import MetricValue
+from pydantic import BaseModel, ValidationError
+
+from fleet.contract import MetricValue, TaskPayload
+from fleet.errors import InputError
 from workers.model_cache import ModelCache
 
 
@@ -60,6 +64,20 @@ class JobContext:
     def ensure_work_dir(self) -> Path:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         return self.work_dir
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+def parse_params(task: TaskPayload, model: type[P], what: str) -> P:
+    """The task's parameters as ``model``; InputError naming the field when the payload lacks
+    or garbles one (``what``: "video", "image", ... for the message)."""
+    try:
+        return model.model_validate(task.params)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InputError(f"sample {task.sample_id}: invalid {what} parameters: "
+                         f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 def pin_torch_threads(n: int) -> None:

@@ -29,14 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from fleet.contract import TaskPayload
 from fleet.errors import InputError, Preempted, WaitForResources
 from fleet.kinds.commands.experiment import GPU_VAR
 from workers.atomic_output import write_atomically
 from workers.command_errors import error_for
-from workers.jobs.base import JobContext, JobOutcome
+from workers.jobs.base import JobContext, JobOutcome, parse_params
 
 log = logging.getLogger("fleet.job")
 
@@ -133,12 +133,7 @@ def _stop(proc: subprocess.Popen, grace_s: float) -> None:
 
 
 def params_of(task: TaskPayload) -> CommandParams:
-    try:
-        return CommandParams.model_validate(task.params)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise InputError(f"sample {task.sample_id}: invalid command parameters: "
-                         f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    return parse_params(task, CommandParams, "command")
 
 
 def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:

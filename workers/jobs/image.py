@@ -14,13 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from fleet.contract import TaskPayload
 from fleet.errors import GpuOutOfMemory, InputError
 from fleet.kinds.image.spec import ImageParams
 from workers.atomic_output import write_atomically
-from workers.jobs.base import JobContext, JobOutcome, pin_torch_threads
+from workers.jobs.base import JobContext, JobOutcome, parse_params, pin_torch_threads
 from workers.model_cache import release_cuda_memory
 from workers.pipeline_loading import is_out_of_memory, memory_had
 
@@ -30,13 +28,7 @@ PNG_COMPRESS_LEVEL = 6  # zlib's default; fixed so the same pixels give the same
 
 
 def params_of(task: TaskPayload) -> ImageParams:
-    """The task's ImageParams; InputError naming the field when the payload lacks or garbles one."""
-    try:
-        return ImageParams.model_validate(task.params)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise InputError(f"sample {task.sample_id}: invalid image parameters: "
-                         f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    return parse_params(task, ImageParams, "image")
 
 
 def write_png(image: Any, path: Path) -> None:

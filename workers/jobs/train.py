@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from fleet.contract import TaskPayload
-from fleet.errors import GpuOutOfMemory, InputError
+from fleet.errors import GpuOutOfMemory
 from fleet.kinds.train.experiment import RunSettings
 from workers.atomic_output import write_atomically
 from workers.gpu_telemetry import GpuTelemetry
-from workers.jobs.base import JobContext, JobOutcome, pin_torch_threads
+from workers.jobs.base import JobContext, JobOutcome, parse_params, pin_torch_threads
 from workers.model_cache import release_cuda_memory
 from workers.pipeline_loading import is_out_of_memory
 
@@ -40,12 +40,7 @@ class TrainParams(BaseModel):
 
 
 def params_of(task: TaskPayload) -> TrainParams:
-    try:
-        return TrainParams.model_validate(task.params)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise InputError(f"sample {task.sample_id}: invalid training parameters: "
-                         f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    return parse_params(task, TrainParams, "training")
 
 
 def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:

@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from fleet.contract import TaskPayload
 from fleet.errors import GpuOutOfMemory, InputError
 from fleet.kinds.video.spec import VideoParams
 from workers.atomic_output import write_atomically
-from workers.jobs.base import JobContext, JobOutcome, pin_torch_threads
+from workers.jobs.base import JobContext, JobOutcome, parse_params, pin_torch_threads
 from workers.model_cache import release_cuda_memory
 from workers.pipeline_loading import is_out_of_memory, memory_had
 from workers.reference_video import load_frames
@@ -104,13 +102,7 @@ def write_video_atomically(frames: list[Any], final: Path, fps: int) -> None:
 
 
 def params_of(task: TaskPayload) -> VideoParams:
-    """The task's VideoParams; InputError naming the field when the payload lacks or garbles one."""
-    try:
-        return VideoParams.model_validate(task.params)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise InputError(f"sample {task.sample_id}: invalid video parameters: "
-                         f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    return parse_params(task, VideoParams, "video")
 
 
 def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:
