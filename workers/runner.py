@@ -30,7 +30,7 @@ from fleet.error_policy import Action, decide
 from fleet.errors import PermanentError, Preempted, WaitForResources
 from fleet.publisher import encode_message, kept_payload
 from fleet.settings import FleetSettings
-from workers import control_hooks
+from workers import control_hooks, manifest
 from workers.confinement import ForbiddenOutput, confine
 from workers.gpu_telemetry import GpuTelemetry
 from workers.jobs import JobRegistry
@@ -192,6 +192,7 @@ class SampleRunner:
         # The output is in place: a Redis outage must not make the worker forget it made it.
         self._persist(lambda: records.complete(self.client, self.keys, record), f"the record of {task.sample_id}",
                       "complete", record=record.model_dump_json(by_alias=True))
+        manifest.append(task.output_root, record, task.body)  # the record, outliving Redis
         log.info(
             "done %s in %.2fs (model %s) -> %s",
             task.sample_id, record.duration_s,

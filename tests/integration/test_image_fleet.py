@@ -44,8 +44,8 @@ def records(f: Fleet) -> dict[str, CompletionRecord]:
     return {k.decode(): CompletionRecord.model_validate_json(v) for k, v in f.client.hgetall(f.keys.records).items()}
 
 
-def pngs(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+def pngs(folder: Path, pattern: str = "*.png") -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob(pattern)) if p.is_file()}
 
 
 def test_one_worker_and_three_make_the_same_files(fleet_ns: Fleet, tiny_image_model_dir: Path, tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_one_worker_and_three_make_the_same_files(fleet_ns: Fleet, tiny_image_mo
     fleet_ns.start_workers([0, 1, 2])
     assert fleet_ns.enqueue(three)["enqueued"] == 5
     wait_for(lambda: fleet_ns.done_count() == 10, 120, "5 images by three workers")
-    a, b = pngs(tmp_path / "exp" / "out1"), pngs(tmp_path / "exp" / "out3")
+    a, b = pngs(tmp_path / "exp" / "out1", "*.png"), pngs(tmp_path / "exp" / "out3", "*.png")
     expected = [f"{i}_seed{42 + n}.png" for n, (i, _) in enumerate(ROWS)]
     assert sorted(a) == sorted(expected) and a == b  # names, count and every byte
     assert len(set(a.values())) == 5
@@ -66,6 +66,14 @@ def test_one_worker_and_three_make_the_same_files(fleet_ns: Fleet, tiny_image_mo
     assert len({r.worker for r in recs}) >= 2, [r.worker for r in recs]  # the three really shared the work
     assert {Path(r.output_path).name: r.metrics["seed"] for r in recs} == {
         n: 42 + k for k, n in enumerate(expected)}
+    # The records outlive Redis: one manifest line per image, with the row's own parameters.
+    from workers.manifest import read
+
+    lines = read(tmp_path / "exp" / "out3")
+    assert set(lines) == {r.sample_id for r in recs}
+    assert sorted((d["params"]["image_id"], d["params"]["seed"]) for d in lines.values()) == sorted(
+        (i, 42 + k) for k, (i, _) in enumerate(ROWS))
+    assert all(d["worker"] and d["duration_s"] > 0 for d in lines.values())
 
 
 def test_interrupted_run_is_finished_by_a_rerun_and_new_rows_only_add(fleet_ns: Fleet, tiny_image_model_dir: Path,
@@ -91,6 +99,7 @@ def test_interrupted_run_is_finished_by_a_rerun_and_new_rows_only_add(fleet_ns: 
     names = sorted(pngs(root / "out"))
     assert "new1_seed47.png" in names and "new2_seed48.png" in names and len(names) == 7
     assert not [p for p in (root / "out").iterdir() if p.name.startswith(".") and p.is_file()]  # no temp files left
+    assert len((root / "out" / "fleet-manifest.jsonl").read_text().splitlines()) >= 7
 
 
 @pytest.mark.parametrize("content, fault", [

@@ -1,0 +1,56 @@
+"""``<output root>/fleet-manifest.jsonl``: one line per finished sample, so an experiment's
+records outlive Redis (a flushed database, a Redis on another host that is gone).
+
+A line is the completion record plus the sample's own parameters (its payload ``body``).
+Workers of several hosts append to the same file on the shared file system: each line is
+written in one ``write`` of an O_APPEND descriptor under an exclusive ``flock``, so lines
+never interleave. A line is at most one record, not a whole history: a sample made again
+(``--rerun``, a changed output) appends a newer line, and readers keep the last per id.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fleet.contract import CompletionRecord
+
+log = logging.getLogger("fleet.worker")
+
+MANIFEST_NAME = "fleet-manifest.jsonl"
+
+
+def append(output_root: str, record: CompletionRecord, params: dict[str, Any]) -> None:
+    """Append the sample's line; a failure is logged, never raised (the record in Redis stands)."""
+    line = json.dumps({**json.loads(record.model_dump_json(by_alias=True)), "params": params},
+                      ensure_ascii=False, default=str) + "\n"
+    path = Path(output_root) / MANIFEST_NAME
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)  # closing releases the lock
+    except OSError as e:
+        log.warning("could not append to %s: %s", path, e)
+
+
+def read(output_root: Path) -> dict[str, dict[str, Any]]:
+    """Sample id -> its latest manifest line (lines that are not JSON are skipped)."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        with open(output_root / MANIFEST_NAME, encoding="utf-8") as f:
+            for raw in f:
+                try:
+                    d = json.loads(raw)
+                    out[d["sample_id"]] = d
+                except (ValueError, KeyError, TypeError):
+                    continue
+    except FileNotFoundError:
+        pass
+    return out
