@@ -130,6 +130,10 @@ class SampleRunner:
                 msg = f"started {deliveries - 1} times and its worker died each time; not starting it again"
                 self._fail(task, PermanentError(msg), final=True)
                 return "failed"
+            if self.broken:
+                # It stopped itself as broken, and Celery handed it one more message before its
+                # loop saw the stop: the sample goes back to the front of its queue, not run here.
+                return self._on_error(task, queue, Preempted(f"worker {self.worker} looks broken; not running it"))
             return self._execute(task, queue, deliveries)
         finally:
             with self.lock:
