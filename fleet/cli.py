@@ -135,11 +135,14 @@ def worker(ctx: click.Context, gpu: int | None, gpus: str | None, cpu: bool, slo
 @click.argument("experiment", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--group", "--category", "groups", multiple=True, help="Only this group (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: total, done, queued, running, failed, by_group.")
-@click.option("--failed", "show_failed", is_flag=True, help="Also list each failed sample with its error.")
+@click.option("--failed", "show_failed", is_flag=True,
+              help="Also the failures: how many of each error type, then each failed sample with its error.")
+@click.option("--export", "export_csv", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the failures to this CSV (seed 002's failure lists, one file for the fleet).")
 @click.pass_context
 @handles_errors
 def status(ctx: click.Context, experiment: Path | None, groups: tuple[str, ...], as_json: bool,
-           show_failed: bool) -> None:
+           show_failed: bool, export_csv: Path | None) -> None:
     """Done / queued / running / failed, per group and in total."""
     from fleet.broker import connect
     from fleet.status import experiment_status, failures, global_status
@@ -155,9 +158,14 @@ def status(ctx: click.Context, experiment: Path | None, groups: tuple[str, ...],
         st = global_status(client, settings.namespace)
     d = st.as_dict()
     d.update(_control_status(client, settings.namespace, exp if experiment is not None else None))  # paused, priority
-    failed = failures(client, settings.namespace, st.sample_ids) if show_failed else []
+    from fleet.failure_lists import by_type, write_csv
+
+    failed = failures(client, settings.namespace, st.sample_ids) if show_failed or export_csv else []
+    if export_csv is not None:
+        write_csv(export_csv, failed)
     if as_json and show_failed:
         d["failures"] = [f.model_dump(by_alias=True) for f in failed]
+        d["failures_by_type"] = by_type(failed)
     if as_json:
         click.echo(json.dumps(d, ensure_ascii=False))
         return
@@ -175,7 +183,15 @@ def status(ctx: click.Context, experiment: Path | None, groups: tuple[str, ...],
     console.print(t)
     if d.get("paused") or d.get("paused_experiments"):
         console.print(_paused_line(d), highlight=False)
-    for f in failed:
+    if show_failed and failed:
+        for error_type, n in by_type(failed).items():
+            example = next(f for f in failed if f.error_type == error_type)
+            first = (example.message.splitlines() or [""])[0][:160]
+            console.print(f"[red]{n} x {escape(error_type)}[/red], e.g. {escape(example.label)}: {escape(first)}",
+                          highlight=False)
+    if export_csv is not None:
+        console.print(f"wrote {len(failed)} failures to {escape(str(export_csv))}", highlight=False)
+    for f in failed if show_failed else []:
         console.print(f"[red]failed[/red] {f.sample_id} {escape(f.group)} {escape(f.label)} attempt {f.attempt} on {escape(f.worker)}: "
                       f"{f.error_type}: {escape(f.message)}", highlight=False)
 

@@ -115,6 +115,21 @@ def test_commands_get_their_gpus_logs_and_error_classes(fleet_ns: Fleet, tmp_pat
     assert json.loads(entry)["done"] == 0 and json.loads(entry)["failed"] == 0  # the locked worker got none
     assert locked.poll() is None
 
+    # Failure lists: by error type, and as a CSV (seed 002's failed_prompts files, one for the fleet).
+    st = json.loads(fleet_ns.fleet("status", str(exp), "--failed", "--json", check=True).stdout)
+    assert st["failures_by_type"] == {t: 1 for t in expected.values()} and st["failed"] == 8
+    out = tmp_path / "lists" / "failed.csv"
+    r = fleet_ns.fleet("status", str(exp), "--export", str(out), check=True)
+    assert "wrote 8 failures" in r.stdout
+    import csv
+
+    with open(out, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(x["error_type"] for x in rows) == sorted(expected.values())
+    assert all(x["sample_id"] and x["label"].startswith("commands[") for x in rows)
+    bad = fleet_ns.fleet("status", str(exp), "--export", str(tmp_path / "failed.txt"))
+    assert bad.returncode == 1 and "ending in .csv" in bad.stderr
+
 
 def test_a_locked_worker_refuses_a_command_with_a_record(fleet_ns: Fleet, tmp_path: Path) -> None:
     exp = commands_yaml(tmp_path / "exp", [{"cmd": "touch pwned", "gpus": 0}])
