@@ -38,6 +38,18 @@ def memory_had(device: str) -> str:
         return "unknown free memory"
 
 
+def out_of_memory(exc: Exception, sample_id: str, shape: str, memory_mib: int, device: str) -> GpuOutOfMemory | None:
+    """The GpuOutOfMemory to raise for ``exc`` when it is CUDA running out of memory during a
+    sample (the device's cached blocks freed first, for the next, perhaps smaller, sample);
+    None for any other error."""
+    if not is_out_of_memory(exc):
+        return None
+    release_cuda_memory(device)
+    need = f"needs {memory_mib} MiB (declared)" if memory_mib else "declares no memory need"
+    return GpuOutOfMemory(f"sample {sample_id} ({shape}) {need}; ran out of GPU memory on {device}, "
+                          f"which had {memory_had(device)}")
+
+
 def check_files(spec: Any) -> None:
     """Fail early, with the path, on a missing file: diffsynth's own errors don't name it clearly."""
     for path in [*spec.dit, spec.text_encoder, spec.vae]:

@@ -54,7 +54,6 @@ class CommandParams(BaseModel):
     timeout_s: float | None = Field(None, gt=0)
     where: str = ""
     name: str | None = None
-    log_stem: str
     enqueued_by: str = "?"
 
 
@@ -80,6 +79,12 @@ def _open_log(stem: str) -> tuple[Path, Any]:
             return path, open(path, "xb")
         except FileExistsError:
             n += 1
+
+
+def log_stem(task: TaskPayload) -> str:
+    """``<output root>/logs/<slug>-<id>``: derived from the output path (``<root>/commands/<slug>-<id>.json``,
+    which the runner has confined to the output root), so no message names where a log goes."""
+    return str(Path(task.output_root) / "logs" / Path(task.output_path).stem)
 
 
 def _tail(path: Path, lines: int = TAIL_LINES) -> str:
@@ -146,7 +151,7 @@ def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:
     if not Path(p.cwd).is_dir():
         raise InputError(f"{p.where}: working folder {p.cwd} not found on {os.uname().nodename}")
     _check_free_memory(ids, task.memory_mib)
-    log_path, log_file = _open_log(p.log_stem)
+    log_path, log_file = _open_log(log_stem(task))
     ctx.report(0.0, log=str(log_path), enqueued_by=p.enqueued_by, gpus_given=",".join(map(str, ids)))
     started = time.time()
     with log_file:

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from fleet.contract import TaskPayload
-from fleet.errors import GpuOutOfMemory, InputError
+from fleet.errors import InputError
 from fleet.kinds.image.spec import ImageParams
 from workers.atomic_output import write_atomically
 from workers.jobs.base import JobContext, JobOutcome, parse_params, pin_torch_threads
-from workers.model_cache import release_cuda_memory
-from workers.pipeline_loading import is_out_of_memory, memory_had
+from workers.pipeline_loading import out_of_memory
 
 log = logging.getLogger("fleet.job")
 
@@ -57,12 +56,10 @@ def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:
     try:
         image = generate(pipe, p)
     except Exception as exc:
-        if not is_out_of_memory(exc):
+        oom = out_of_memory(exc, task.sample_id, f"{p.width}x{p.height}", task.memory_mib, device)
+        if oom is None:
             raise
-        release_cuda_memory(device)
-        need = f"needs {task.memory_mib} MiB (declared)" if task.memory_mib else "declares no memory need"
-        raise GpuOutOfMemory(f"sample {task.sample_id} ({p.width}x{p.height}) {need}; ran out of GPU memory on "
-                             f"{device}, which had {memory_had(device)}") from exc
+        raise oom from exc
     t_write = time.perf_counter()
     write_atomically(final, lambda tmp: write_png(image, tmp))
     end = time.perf_counter()

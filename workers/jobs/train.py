@@ -35,7 +35,6 @@ class TrainParams(BaseModel):
     categorical: list[str]
     numeric: list[str]
     run: str
-    run_dir: str
     settings: RunSettings
 
 
@@ -48,7 +47,7 @@ def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:
 
     pin_torch_threads(ctx.threads)
     p = params_of(task)
-    run_dir = Path(p.run_dir)
+    run_dir = Path(task.output_path).parent  # <output>/<run>/: the confined output's folder
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     data, _, load_s = ctx.models.get("train-data", json.dumps([p.shards, p.label, p.categorical, p.numeric]), "cpu",

@@ -44,7 +44,7 @@ def plan_experiment(exp: CommandsExperiment, groups: list[str] | None = None, ct
         seen[sid] = c.where
         stem = f"{slug(c.name or c.cmd)}-{sid[:12]}"
         body = {"cmd": c.cmd, "cwd": c.cwd, "env": c.env, "timeout_s": c.timeout_s, "where": c.where,
-                "name": c.name, "log_stem": os.path.join(out, "logs", stem), "enqueued_by": exp.enqueued_by}
+                "name": c.name, "enqueued_by": exp.enqueued_by}
         label = f"{c.where}: {c.name or c.cmd}"
         samples.append(Sample(sid, group, label[:120], os.path.join(out, "commands", f"{stem}.json"), body,
                               c.mem_mib, c.gpus, retries=c.retries))

@@ -29,7 +29,7 @@ def plan_experiment(exp: TrainExperiment, groups: list[str] | None = None, ctx: 
         settings = run.settings.model_dump()
         key = json.dumps([data, settings, folder], sort_keys=True, ensure_ascii=False)
         sid = hashlib.sha256(key.encode()).hexdigest()[:32]
-        body = {"run": run.name, "run_dir": folder, "settings": settings}
+        body = {"run": run.name, "settings": settings}
         samples.append(Sample(sid, group, f"{exp.name}/{run.name}", os.path.join(folder, "result.json"), body,
                               exp.memory_mib, exp.gpus))
     return Plan(exp, samples, shared)
