@@ -70,6 +70,14 @@ class Keys:
         # ZSET of JSON [queue list, message] scored by the unix time it is due: retries waiting
         # out their back-off; the reaper moves due ones to the front of their queue lists
         self.delayed = f"{ns}:delayed"
+        # SET of GPU time series names ("<hostname>/<NVML index>"); each is a STREAM (gpu_series)
+        self.gpu_series_names = f"{ns}:gpu_series_names"
+
+    # SET of series names ("<hostname>/<NVML index>") that have a GPU time series
+    def gpu_series(self, name: str) -> str:
+        """STREAM of one GPU's telemetry, one entry per bucket (id = bucket start in ms), capped
+        to the settings' window (fleet.gpu_series)."""
+        return f"{self.namespace}:gpu_series:{name}"
 
     def lease(self, sample_id: str) -> str:
         """STRING, TTL lease_ttl_s: the worker token running the sample; gone = worker dead."""

@@ -193,10 +193,13 @@ class SampleRunner:
         )
         self.suspect_streak.clear()
         self.done_count += 1
+        # The manifest line goes first: a worker killed between the two writes leaves a line
+        # whose sample runs again (readers keep the last line per id), never a done sample
+        # without a line.
+        manifest.append(task.output_root, record, task.body)  # the record, outliving Redis
         # The output is in place: a Redis outage must not make the worker forget it made it.
         self._persist(lambda: records.complete(self.client, self.keys, record), f"the record of {task.sample_id}",
                       "complete", record=record.model_dump_json(by_alias=True))
-        manifest.append(task.output_root, record, task.body)  # the record, outliving Redis
         log.info(
             "done %s in %.2fs (model %s) -> %s",
             task.sample_id, record.duration_s,
