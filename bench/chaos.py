@@ -191,19 +191,21 @@ class Fleet:
     state: Path = field(init=False)
     redis_port: int = field(init=False)
     flower_port: int = field(init=False)
+    metrics_port: int = field(init=False)
     seen_pids: set[int] = field(default_factory=set)
     _client: redis.Redis | None = None
 
     def __post_init__(self) -> None:
         self.state = self.root / "state"
-        self.redis_port, self.flower_port = free_ports(2)
+        self.redis_port, self.flower_port, self.metrics_port = free_ports(3)
         self.keys = Keys("fleet")
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
         env.update(
             FLEET_STATE_DIR=str(self.state), FLEET_EMBEDDED_REDIS_PORT=str(self.redis_port),
-            FLEET_FLOWER_PORT=str(self.flower_port), FLEET_OUTPUT_ROOTS=json.dumps([str(self.root)]),
+            FLEET_FLOWER_PORT=str(self.flower_port), FLEET_METRICS_PORT=str(self.metrics_port),
+            FLEET_OUTPUT_ROOTS=json.dumps([str(self.root)]),
             FLEET_LEASE_TTL_S=str(self.lease_ttl_s), FLEET_HEARTBEAT_S=str(self.heartbeat_s),
             FLEET_MAX_DELIVERIES=str(self.max_deliveries),
             FLEET_KINDS=json.dumps({"chaos": {"planner": "bench.chaos_kind", "job": "bench.chaos_kind"}}),

@@ -187,7 +187,7 @@ class BenchFleet:
     is_up: bool = False
 
     def __post_init__(self) -> None:
-        self.redis_port, self.flower_port = free_ports(2)
+        self.redis_port, self.flower_port, self.metrics_port = free_ports(3)
         self.state = self.root / "state"
 
     @property
@@ -205,7 +205,7 @@ class BenchFleet:
 
     def env(self) -> dict[str, str]:
         env = base_env(FLEET_STATE_DIR=str(self.state), FLEET_EMBEDDED_REDIS_PORT=str(self.redis_port),
-                       FLEET_FLOWER_PORT=str(self.flower_port),
+                       FLEET_FLOWER_PORT=str(self.flower_port), FLEET_METRICS_PORT=str(self.metrics_port),
                        FLEET_OUTPUT_ROOTS=json.dumps([str(self.output_root or self.root.parent)]))
         if self.fake_gpus is not None:
             env["FLEET_FAKE_GPUS"] = str(self.fake_gpus)

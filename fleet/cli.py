@@ -45,13 +45,26 @@ def settings_of(ctx: click.Context, **overrides: Any) -> FleetSettings:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", type=click.Path(dir_okay=False), envvar=CONFIG_ENV, help="Fleet settings file (YAML or JSON).")
+@click.option("-v", "--verbose", "verbosity", flag_value="DEBUG", help="Debug logging (here and in what it starts).")
+@click.option("-q", "--quiet", "verbosity", flag_value="WARNING", help="Warnings and errors only.")
 @click.version_option(package_name="fleet")
 @click.pass_context
-def main(ctx: click.Context, config: str | None) -> None:
-    """fleet: run experiments of thousands of samples on shared GPU servers."""
+def main(ctx: click.Context, config: str | None, verbosity: str | None) -> None:
+    """fleet: run experiments of thousands of samples on shared GPU servers.
+
+    Shell completion: eval "$(_FLEET_COMPLETE=bash_source fleet)" in ~/.bashrc
+    (zsh_source, fish_source for those shells).
+    """
     ctx.obj = {"config": config}
     if config:  # child processes (workers, Flower) read the same file
         os.environ[CONFIG_ENV] = str(Path(config).resolve())
+    if verbosity:  # the log_level setting, for this process and the workers and supervisor it starts
+        os.environ["FLEET_LOG_LEVEL"] = verbosity
+    import logging
+
+    level = verbosity or os.environ.get("FLEET_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(level=level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "WARNING",
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 @main.command()
@@ -145,7 +158,7 @@ def status(ctx: click.Context, experiment: Path | None, groups: tuple[str, ...],
            show_failed: bool, export_csv: Path | None) -> None:
     """Done / queued / running / failed, per group and in total."""
     from fleet.broker import connect
-    from fleet.status import experiment_status, failures, global_status
+    from fleet.status import experiment_status, experiments_overview, failures, global_status
 
     settings = settings_of(ctx)
     client = connect(settings)
@@ -157,6 +170,8 @@ def status(ctx: click.Context, experiment: Path | None, groups: tuple[str, ...],
     else:
         st = global_status(client, settings.namespace)
     d = st.as_dict()
+    if experiment is None:
+        d["experiments"] = experiments_overview(client, settings.namespace)  # one row per experiment enqueued
     d.update(_control_status(client, settings.namespace, exp if experiment is not None else None))  # paused, priority
     from fleet.failure_lists import by_type, write_csv
 
@@ -180,6 +195,10 @@ def status(ctx: click.Context, experiment: Path | None, groups: tuple[str, ...],
         t.add_row(escape(cat), *(str(row[k]) for k in ("total", "done", "queued", "running", "failed")))
     t.add_row("[b]all[/b]", *(f"[b]{d[k]}[/b]" for k in ("total", "done", "queued", "running", "failed")))
     console = Console()
+    if d.get("experiments"):
+        from fleet.status import overview_table
+
+        console.print(overview_table(d["experiments"]))
     console.print(t)
     if d.get("paused") or d.get("paused_experiments"):
         console.print(_paused_line(d), highlight=False)
@@ -194,6 +213,32 @@ def status(ctx: click.Context, experiment: Path | None, groups: tuple[str, ...],
     for f in failed if show_failed else []:
         console.print(f"[red]failed[/red] {f.sample_id} {escape(f.group)} {escape(f.label)} attempt {f.attempt} on {escape(f.worker)}: "
                       f"{f.error_type}: {escape(f.message)}", highlight=False)
+
+
+@main.command()
+@click.argument("experiment", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--interval-s", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON line per refresh: t, total, done, failed, queued, running, rate_per_min, eta_s, groups, workers.")
+@click.option("--count", type=click.IntRange(min=1), help="Stop after N refreshes.")
+@click.pass_context
+@handles_errors
+def watch(ctx: click.Context, experiment: Path | None, interval_s: float, as_json: bool, count: int | None) -> None:
+    """A live view: a bar per group with rate and ETA, a row per worker (its sample, progress,
+    rate, GPU use). Ends by itself when nothing is queued, running or pending, or on Ctrl-C."""
+    from fleet.broker import connect
+    from fleet.watch import Watcher
+    from fleet.watch_view import run_watch
+
+    settings = settings_of(ctx)
+    exp = None
+    if experiment is not None:
+        from fleet.experiment import load_experiment
+
+        exp = load_experiment(experiment, settings.output_dir, settings.kinds)
+    watcher = Watcher(connect(settings), settings.namespace, exp, settings.kinds, settings.heartbeat_s)
+    run_watch(watcher, exp.name if exp is not None else f"namespace {settings.namespace}", interval_s, as_json, count)
 
 
 @main.command()
@@ -213,6 +258,7 @@ def up(ctx: click.Context, gpu_list: str | None, exclude: str | None, min_free_m
        exclusive: bool | None, slots_per_gpu: int | None, packed_mib: int | None, max_slots: int | None,
        cpu_workers: int | None, allow_commands: bool) -> None:
     """Start Redis (embedded unless configured), one worker per usable GPU, and Flower."""
+    from fleet.launcher import launch_of
     from fleet.launcher import up as do_up
     from fleet.placement import PlacementPolicy
 
@@ -233,7 +279,15 @@ def up(ctx: click.Context, gpu_list: str | None, exclude: str | None, min_free_m
     if change:
         policy = PlacementPolicy.load({**settings.placement.model_dump(), **change}, "fleet up")
         settings = settings.model_copy(update={"placement": policy})
-    info = do_up(settings, cpu_workers=cpu_workers)
+    # What the flags asked for, as the running fleet's state names it (a fleet already up with
+    # other values is an error: silently keeping it would look like the flags took effect).
+    launch = launch_of(settings, cpu_workers)
+    requested = {k: launch[k] for k in change}
+    if cpu_workers is not None:
+        requested["cpu_workers"] = launch["cpu_workers"]
+    if allow_commands:
+        requested["allow_commands"] = True
+    info = do_up(settings, cpu_workers=cpu_workers, requested=requested)
     click.echo(info.describe())
 
 
@@ -257,10 +311,14 @@ def down(ctx: click.Context, grace_s: float) -> None:
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Snapshots and fleet workers as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Snapshots and fleet workers as JSON (--watch: a line a refresh).")
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl-C, with each GPU's utilisation of the last minutes.")
+@click.option("--interval-s", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+              help="--watch: seconds between refreshes.")
+@click.option("--count", type=click.IntRange(min=1), help="--watch: stop after this many refreshes.")
 @click.pass_context
 @handles_errors
-def gpus(ctx: click.Context, as_json: bool) -> None:
+def gpus(ctx: click.Context, as_json: bool, watch: bool, interval_s: float, count: int | None) -> None:
     """The GPUs (memory, utilisation, power, temperature, processes) and the fleet workers on each."""
     from fleet.broker import connect
     from fleet.errors import BrokerUnavailable
@@ -275,6 +333,14 @@ def gpus(ctx: click.Context, as_json: bool) -> None:
         client = connect(settings, timeout_s=1.0)
     except BrokerUnavailable:
         client = None  # the GPUs are worth showing without a fleet
+    if watch:
+        from fleet.gpu_watch import Watch
+        from fleet.gpu_watch import run as run_watch
+
+        with inventory_from_env() as inv:
+            run_watch(Watch(inv, client, settings.namespace, settings.heartbeat_s, settings.gpu_series_bucket_s),
+                      interval_s, count, as_json)
+        return
     workers = live_workers(client, settings.namespace, settings.heartbeat_s)
     if as_json:
         click.echo(to_json(snaps, workers))
@@ -293,6 +359,17 @@ def gpus(ctx: click.Context, as_json: bool) -> None:
         from fleet.credentials import mask_url
 
         console.print(f"(no fleet reachable at {mask_url(settings.effective_broker_url)}: workers not shown)")
+
+
+@main.command()
+@click.pass_context
+@handles_errors
+def metrics(ctx: click.Context) -> None:
+    """Serve Prometheus /metrics on 127.0.0.1 (port: setting metrics_port) behind Flower's login:
+    samples per experiment, group and state, workers, GPUs. `fleet up` starts it."""
+    from fleet.metrics_server import serve
+
+    serve(settings_of(ctx))
 
 
 @main.command("make-tiny-model")
@@ -339,6 +416,47 @@ def demo(ctx: click.Context, kind: str, directory: Path | None, n_workers: int) 
 
     directory = directory or Path("fleet-demo" if kind == "video" else f"fleet-demo-{kind}")
     run_demo(settings_of(ctx), directory, n_workers, kind)
+
+
+@main.command("export")
+@click.argument("experiment")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default="csv", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write this file (atomically); default stdout (csv, jsonl). Parquet needs it.")
+@click.pass_context
+@handles_errors
+def export_cmd(ctx: click.Context, experiment: str, fmt: str, out: Path | None) -> None:
+    """One row per finished sample of EXPERIMENT (its file or its name): the record (id, group,
+    label, output, duration, worker, host, GPUs, finish time), metric_* and param_* columns."""
+    from fleet.broker import connect
+    from fleet.export import finished_rows, output_root_of, write
+
+    settings = settings_of(ctx)
+    name, exp = _experiment_ref(settings, experiment)
+    client = connect(settings)
+    root = exp.output if exp is not None else output_root_of(client, settings.namespace, name)
+    rows = finished_rows(client, settings.namespace, name, root)
+    write(rows, fmt, out)
+    if out is not None:
+        click.echo(f"wrote {len(rows)} finished samples of {name} to {out}")
+
+
+@main.command()
+@click.argument("target")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+@click.option("-n", "--lines", "last", type=click.IntRange(min=0), help="Only the last LINES lines (then follow).")
+@click.pass_context
+@handles_errors
+def logs(ctx: click.Context, target: str, follow: bool, last: int | None) -> None:
+    """TARGET's log lines, rotated files included, oldest first: a worker (cpu0, gpu1, gpu1@host;
+    also supervisor, flower, redis) or a sample (every worker's lines naming its id, or 8+
+    characters of it)."""
+    from fleet.log_view import show
+
+    try:
+        show(settings_of(ctx).logs, target, last, follow, click.echo)
+    except KeyboardInterrupt:  # the end of -f
+        return
 
 
 # ---- control: cancel, pause, resume, retry (fleet.control) ------------------------------------------
@@ -471,6 +589,35 @@ def retry(ctx: click.Context, experiment: Path, groups: tuple[str, ...], as_json
         line += f" ({res.not_planned} failed samples are no longer in its plan)"
     click.echo(line)
 
+
+
+@main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for report.html and report.json (default: the experiment's output folder/report).")
+@click.option("--gallery-max", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Thumbnails at most in the gallery.")
+@click.pass_context
+@handles_errors
+def report(ctx: click.Context, experiment: Path, out_dir: Path | None, gallery_max: int) -> None:
+    """Write a self-contained HTML report of EXPERIMENT (groups, throughput, timeline, GPUs,
+    failures, gallery) and report.json with its figures; works from the manifest without Redis."""
+    from fleet.broker import connect
+    from fleet.errors import BrokerUnavailable
+    from fleet.experiment import load_experiment
+    from fleet.report_writer import write_report
+
+    settings = settings_of(ctx)
+    exp = load_experiment(experiment, settings.output_dir, settings.kinds)
+    try:
+        client = connect(settings, timeout_s=2.0)
+    except BrokerUnavailable as e:
+        click.echo(f"fleet: warning: {e}; reporting from {exp.output}/fleet-manifest.jsonl only", err=True)
+        client = None
+    html_path, json_path, fig = write_report(client, settings.namespace, exp, out_dir, settings.kinds, gallery_max)
+    t = fig["totals"]
+    click.echo(f"{exp.name}: {t['done']} done, {t['failed']} failed of {t['planned']} planned; "
+               f"wrote {html_path} and {json_path}")
 
 
 if __name__ == "__main__":

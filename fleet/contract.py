@@ -72,12 +72,20 @@ class Keys:
         self.delayed = f"{ns}:delayed"
         # SET of GPU time series names ("<hostname>/<NVML index>"); each is a STREAM (gpu_series)
         self.gpu_series_names = f"{ns}:gpu_series_names"
+        # HASH experiment name -> JSON {file, kind, output_root, first_enqueued_at, last_enqueued_at
+        # (unix s), published}: every experiment `fleet enqueue` published (fleet.experiment_index)
+        self.experiments = f"{ns}:experiments"
 
     # SET of series names ("<hostname>/<NVML index>") that have a GPU time series
     def gpu_series(self, name: str) -> str:
         """STREAM of one GPU's telemetry, one entry per bucket (id = bucket start in ms), capped
         to the settings' window (fleet.gpu_series)."""
         return f"{self.namespace}:gpu_series:{name}"
+
+    def experiment_samples(self, experiment: str) -> str:
+        """HASH sample id -> JSON [group, output path]: every sample the experiment has published,
+        kept when it leaves the plan (a deleted input), so status and export still count it."""
+        return f"{self.namespace}:experiment_samples:{experiment}"
 
     def lease(self, sample_id: str) -> str:
         """STRING, TTL lease_ttl_s: the worker token running the sample; gone = worker dead."""
@@ -170,6 +178,15 @@ class FailureRecord(_Strict):
     gpus: list[int]
     metrics: dict[str, MetricValue] = Field(default_factory=dict)
     failed_at: float
+
+
+def task_label(experiment: str, label: str, sample_id: str, note: str = "") -> str:
+    """What Flower shows as a message's args: the experiment, the sample's label and the start
+    of its id (what `fleet status --failed` and `fleet logs` take), e.g.
+    ``wan-t2v: dance/v1 seed 42 prompt 0 [3f4c607f0b9a]``; ``note`` says why it was published
+    again ("retry", "attempt 2", ...)."""
+    text = f"{experiment}: {label} [{sample_id[:12]}]"
+    return f"{text} ({note})" if note else text
 
 
 def record_group(raw: bytes | str) -> str:

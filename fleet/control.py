@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis
 
-from fleet.contract import Keys, TaskPayload, queue_name
+from fleet.contract import Keys, TaskPayload, queue_name, task_label
 from fleet.priority import NORMAL_STEP, experiment_step, priority_list
 from fleet.publisher import encode_message
 
@@ -312,7 +312,8 @@ def park(client: redis.Redis, keys: Keys, task: TaskPayload, queue: str) -> None
     target, step = republish_list(client, keys, queue, task.experiment)
     pk = ck.parked_list(task.experiment, target)
     pipe = client.pipeline(transaction=True)
-    pipe.lpush(pk, encode_message(task.to_json(), queue, task.label, priority=step))
+    pipe.lpush(pk, encode_message(task.to_json(), queue, task_label(task.experiment, task.label, task.sample_id),
+                                  priority=step))
     pipe.hset(ck.parked, pk, json.dumps([task.experiment, target], ensure_ascii=False))
     pipe.execute()
 
@@ -581,7 +582,7 @@ def retry(
         marks = {g: queued_value(exp.name, g) for g in {s.group for s in todo}}
         out = [
             (smp.sample_id, marks[smp.group], kept_payload(q, payload, head, head_id), priority_list(q, step),
-             encode_message(payload, q, f"{smp.label} (retry)", priority=step))
+             encode_message(payload, q, task_label(exp.name, smp.label, smp.sample_id, "retry"), priority=step))
             for smp, q, payload in payloads(plan, todo, lambda s: routes[(s.group, s.memory_mib, s.gpus)])
         ]
         _publish_front(client, keys, ck, out)

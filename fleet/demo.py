@@ -11,6 +11,7 @@ progress until every sample is done, prints where the outputs are, and stops the
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -175,10 +176,11 @@ def run_demo(settings: FleetSettings, directory: Path, n_workers: int, kind: str
     from fleet.enqueue import enqueue
     from fleet.experiment import load_experiment
     from fleet.gpu_inventory import inventory_from_env
-    from fleet.launcher import down, up
+    from fleet.launcher import down, read_state, up
     from fleet.status import experiment_status
 
     directory = directory.resolve()
+    user_settings = settings
     if not settings.output_roots and settings.output_dir is None:
         settings = settings.model_copy(update={"output_roots": [directory]})  # the workers may write the demo's outputs
     what = {"video": "a tiny model, 4 categories of reference videos", "image": "a tiny model, a prompts CSV of 6 rows",
@@ -189,6 +191,11 @@ def run_demo(settings: FleetSettings, directory: Path, n_workers: int, kind: str
     has_gpu = bool(inventory_from_env().snapshot())
     info = up(settings, cpu_workers=None if has_gpu else n_workers)
     click.echo(info.describe())
+    if info.already:  # someone's fleet: use it, never stop it (and check its workers may write here)
+        roots = (read_state(settings).get("launch") or {}).get("output_roots")
+        if roots is not None and not any(exp.output.resolve().is_relative_to(r) for r in roots):
+            raise FleetError(f"demo: the fleet that is up may write only under {', '.join(roots)}; run the demo "
+                             "with --dir there, or `fleet down` first")
     try:
         client = connect(settings.model_copy(update={"broker_url": info.broker_url}))
         res = enqueue(client, settings.namespace, exp, policy=settings.placement, kinds=settings.kinds,
@@ -209,11 +216,24 @@ def run_demo(settings: FleetSettings, directory: Path, n_workers: int, kind: str
                 time.sleep(0.5)
         pattern = {"video": "*.mp4", "image": "*.png", "train": "metrics.jsonl"}[kind]
         click.echo(f"outputs: {exp.output}  (e.g. {next(exp.output.rglob(pattern), 'none')})")
-        click.echo(f"flower: {info.flower_url}   status: fleet status {exp_path}")
         if d["failed"]:
             raise FleetError(f"demo: {d['failed']} samples failed; see `fleet status` and {settings.logs}")
     finally:
-        click.echo(down(settings))
-    # The demo's fleet is down again: the next step starts one (from a folder that holds the
-    # demo's outputs, or with output_roots set, or its workers refuse to write them).
-    click.echo(f"go on with: fleet up && fleet enqueue {exp_path}")
+        if not info.already:
+            click.echo(down(settings))
+    click.echo(closing_hints(user_settings, exp_path, info.already, None if has_gpu else n_workers))
+
+
+def closing_hints(settings: FleetSettings, exp_path: Path, fleet_left_up: bool, cpu_workers: int | None) -> str:
+    """What to run next, runnable as printed: the demo's own fleet is down again, so the hints
+    start one whose workers may write the demo's outputs (output_roots), from any folder."""
+    q = shlex.quote(str(exp_path))
+    look = f"fleet status {q}; fleet report {q}"
+    if fleet_left_up:
+        return f"the fleet was up before the demo and is left up; look: {look}"
+    roots = ([] if settings.output_roots or settings.output_dir is not None
+             else [str(exp_path.parent.resolve())])
+    env = f"FLEET_OUTPUT_ROOTS={shlex.quote(json.dumps(roots))} " if roots else ""
+    cpu = f" --cpu-workers {cpu_workers}" if cpu_workers else ""
+    return (f"go on with: {env}fleet up{cpu} && fleet enqueue {q}\n"
+            f"  then: {look}; fleet down")

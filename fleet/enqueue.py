@@ -19,9 +19,10 @@ from pathlib import Path
 import redis
 from redis.exceptions import LockError
 
-from fleet.contract import Keys, WorkerEntry, queue_name
+from fleet.contract import Keys, WorkerEntry, queue_name, task_label
 from fleet.control import record_priority
 from fleet.errors import BrokerUnavailable, InputError, PlacementError
+from fleet.experiment_index import adopt_published, note_enqueue
 from fleet.kinds import KindModules, registry
 from fleet.kinds.base import Experiment, PlanContext, Sample
 from fleet.placement import PlacementPolicy
@@ -139,16 +140,23 @@ def _enqueue(
             queue=q,
             payload_json=payload,
             sample_id=smp.sample_id,
-            label=smp.label,
+            label=task_label(exp.name, smp.label, smp.sample_id),
             queued_value=marks[smp.group],
             kept=kept_payload(q, payload, head, head_id),
             output_path=smp.output_path,
             owner=f'["{smp.sample_id}",{exp_json}]',
             priority=step,
+            experiment=exp.name,
+            member=f"[{enc(smp.group)},{enc(smp.output_path)}]",  # experiment_index.member, without its set-up
         )
         for smp, q, payload in payloads(plan, todo, lambda smp: routes[(smp.group, smp.memory_mib, smp.gpus)])
     )
+    # The experiments index (fleet.experiment_index), what `fleet status` lists and counts: the
+    # samples hash gets the ids published now with their messages, ones published before it existed here.
+    busy = state.done | state.queued | state.running
+    adopt_published(client, keys, exp.name, [smp for smp in plan.samples if smp.sample_id in busy])
     n = publish(client, keys, items)
+    note_enqueue(client, keys, exp, n)
     return EnqueueResult(len(ids), len(state.done), in_flight, n)
 
 

@@ -50,7 +50,11 @@ def write(client: redis.Redis, keys: Keys, name: str, point: GpuPoint,
     pipe = client.pipeline(transaction=False)
     pipe.sadd(keys.gpu_series_names, name)
     pipe.xadd(keys.gpu_series(name), fields, id=f"{bucket_ms}-0", maxlen=maxlen, approximate=True)
-    _, added = pipe.execute(raise_on_error=False)
+    # A GPU that leaves the fleet (a host gone, a GPU excluded) stops being written: its series
+    # goes a window after its last point instead of staying forever.
+    pipe.expire(keys.gpu_series(name), int(window_s + bucket_s) + 1)
+    pipe.expire(keys.gpu_series_names, int(window_s + bucket_s) + 1)
+    _, added, _, _ = pipe.execute(raise_on_error=False)
     return not isinstance(added, Exception)
 
 
@@ -84,13 +88,14 @@ def read(client: redis.Redis, keys: Keys, since: float | None = None, until: flo
 
 
 def latest(client: redis.Redis, keys: Keys, max_age_s: float = 30.0) -> dict[str, GpuPoint]:
-    """Series name -> its newest point, for series written within ``max_age_s``."""
+    """Series name -> its newest point, for series whose newest bucket started within
+    ``max_age_s`` (give at least two buckets: a point is written when its bucket ends)."""
     out: dict[str, GpuPoint] = {}
     now = time.time()
     for name in names(client, keys):
         last = client.xrevrange(keys.gpu_series(name), "+", "-", count=1)
         if last:
             p = _point(*last[0])
-            if now - p.t <= max_age_s + BUCKET_S:
+            if now - p.t <= max_age_s:
                 out[name] = p
     return out

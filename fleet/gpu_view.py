@@ -13,11 +13,13 @@ from fleet.contract import Keys, WorkerEntry
 from fleet.gpu_inventory import GpuSnapshot
 
 
-def live_workers(client: redis.Redis | None, namespace: str, heartbeat_s: float) -> list[WorkerEntry]:
-    """Workers of this host whose heartbeat is recent (3 beats, at least 15 s)."""
+def live_workers(client: redis.Redis | None, namespace: str, heartbeat_s: float,
+                 every_host: bool = False) -> list[WorkerEntry]:
+    """Workers of this host (of every host with ``every_host``) whose heartbeat is recent
+    (3 beats, at least 15 s)."""
     if client is None:
         return []
-    host = socket.gethostname()
+    host = None if every_host else socket.gethostname()
     now = time.time()
     out = []
     for raw in client.hvals(Keys(namespace).workers):
@@ -25,7 +27,7 @@ def live_workers(client: redis.Redis | None, namespace: str, heartbeat_s: float)
             w = WorkerEntry.model_validate_json(raw)
         except ValueError:
             continue  # an entry of an older fleet version
-        if w.hostname == host and now - w.seen_at < max(15.0, 3 * heartbeat_s):
+        if host in (None, w.hostname) and now - w.seen_at < max(15.0, 3 * heartbeat_s):
             out.append(w)
     return sorted(out, key=lambda w: w.name)
 

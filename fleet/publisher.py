@@ -47,6 +47,8 @@ class Outgoing:
     output_path: str | None = None  # recorded in the outputs index (who writes each path), when given
     owner: str = ""  # the outputs index's value for output_path
     priority: int | None = None  # kombu priority step (fleet.priority); None: normal
+    experiment: str | None = None  # noted in the experiment's samples hash (Keys.experiment_samples), when given
+    member: str = ""  # that hash's value: JSON [group, output path]
 
 
 def _uuid4() -> str:
@@ -165,7 +167,8 @@ def unkeep(kept: str, heads: Callable[[str], str | None]) -> tuple[str, str] | N
 def publish(client: redis.Redis, keys: Keys, items: Iterable[Outgoing]) -> int:
     """Push every item onto its queue and mark it queued; returns the count.
 
-    Per chunk of ``CHUNK`` tasks: one HSET marking them queued, then one LPUSH per queue
+    Per chunk of ``CHUNK`` tasks: one HSET marking them queued (and HSETs of their kept
+    payloads, output owners and experiment's samples), then one LPUSH per queue
     with their messages in order (LPUSH of many values = that many LPUSHes, one after the
     other), in MULTI/EXEC so a chunk is all published and marked or not at all. A crash
     mid-way leaves a prefix of chunks published and marked, which the next enqueue
@@ -175,6 +178,7 @@ def publish(client: redis.Redis, keys: Keys, items: Iterable[Outgoing]) -> int:
     marks: list[str] = []
     kept: list[str] = []
     owners: list[str] = []
+    members: dict[str, list[str]] = {}  # experiment -> [sample id, JSON [group, output path], ...]
     messages: dict[str, list[bytes]] = {}
 
     def flush() -> None:
@@ -185,12 +189,15 @@ def publish(client: redis.Redis, keys: Keys, items: Iterable[Outgoing]) -> int:
         pipe.hset(keys.payloads, items=kept)
         if owners:
             pipe.hset(keys.outputs, items=owners)
+        for name, pairs in members.items():
+            pipe.hset(keys.experiment_samples(name), items=pairs)
         for queue, msgs in messages.items():
             pipe.lpush(queue, *msgs)
         pipe.execute()
         marks.clear()
         kept.clear()
         owners.clear()
+        members.clear()
         messages.clear()
 
     for it in items:
@@ -201,6 +208,8 @@ def publish(client: redis.Redis, keys: Keys, items: Iterable[Outgoing]) -> int:
         if it.output_path is not None:
             owners.append(it.output_path)
             owners.append(it.owner)
+        if it.experiment is not None:
+            members.setdefault(it.experiment, []).extend((it.sample_id, it.member))
         step = NORMAL_STEP if it.priority is None else it.priority
         lst = priority_list(it.queue, step)  # the queue's list of that priority (fleet.priority)
         msgs = messages.get(lst)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import redis
 
 from fleet import control
-from fleet.contract import CompletionRecord, FailureRecord, Keys, RunningEntry
+from fleet.contract import CompletionRecord, FailureRecord, Keys, RunningEntry, task_label
 from fleet.kinds.base import Sample
 from fleet.publisher import encode_message, unkeep
 
@@ -427,13 +427,14 @@ def recover_lost(
             continue
         queue, payload = found
         lst, step = control.list_for_payload(client, keys, queue, payload)  # its priority's list (fleet.control)
-        client.rpush(lst, encode_message(payload, queue, f"{_label_of(payload)} (recovered)", priority=step))
+        client.rpush(lst, encode_message(payload, queue, _label_of(payload, sid), priority=step))
         published.append(sid)
     return published
 
 
-def _label_of(payload_json: str) -> str:
+def _label_of(payload_json: str, sample_id: str) -> str:
     try:
-        return str(json.loads(payload_json).get("label", ""))
+        d = json.loads(payload_json)
+        return task_label(str(d.get("experiment", "")), str(d.get("label", "")), sample_id, "recovered")
     except (ValueError, AttributeError):
-        return ""
+        return task_label("", "", sample_id, "recovered")

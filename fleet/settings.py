@@ -40,6 +40,10 @@ class FleetSettings(BaseSettings):
     namespace: str = Field("fleet", description="Prefix of every Redis key and queue; lets several fleets share one Redis.")
     state_dir: Path = Field(Path("~/.fleet"), description="Pid files, the embedded Redis's data, the launcher's state.")
     log_dir: Path | None = Field(None, description="One log file per process; default <state_dir>/logs.")
+    log_max_mib: float = Field(
+        50.0, gt=0, description="A worker's, the supervisor's or Flower's log file is rotated at this size (MiB).")
+    log_backups: int = Field(
+        5, ge=0, description="Rotated log files kept per process (<name>.log.1 newest ... .N oldest); 0: none kept.")
     output_dir: Path | None = Field(None, description="Default output root for experiments that do not name one.")
     output_roots: list[Path] = Field(
         [], description="Folders a worker may write outputs under (symlinks resolved); empty: output_dir if set, "
@@ -57,6 +61,8 @@ class FleetSettings(BaseSettings):
         6 * 3600, ge=60, description="Redis redelivers an unacked task after this; keep it above the longest sample."
     )
     lease_ttl_s: float = Field(30.0, gt=0, description="A running sample's lease; a worker that stops renewing it is dead.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level of workers, the supervisor and the CLI (fleet -v: DEBUG, -q: WARNING).")
     heartbeat_s: float = Field(5.0, gt=0, description="How often a worker renews its lease and looks for dead ones.")
     max_attempts: int = Field(3, ge=1, description="Attempts per sample for retryable errors (OOM, lost connection).")
     retry_backoff_s: float = Field(
@@ -86,6 +92,17 @@ class FleetSettings(BaseSettings):
         "(fleet.kinds); producers and workers need the same entry",
     )
     placement_interval_s: float = Field(3.0, gt=0, description="How often `fleet up` re-reads the GPUs.")
+    gpu_series_bucket_s: float = Field(
+        5.0, gt=0, description="Seconds per point of each GPU's time series in Redis (fleet.gpu_series): a GPU "
+        "worker writes its GPUs' mean utilisation, peak memory, mean power and temperature once per bucket.")
+    gpu_series_window_s: float = Field(
+        86400.0, gt=0, description="Seconds of history each GPU's time series keeps (older points are trimmed).")
+    metrics_port: int = Field(
+        9464, ge=1, le=65535, description="Port of the Prometheus /metrics endpoint `fleet up` starts on "
+        "127.0.0.1 (`fleet metrics`), behind Flower's login.")
+    metrics_cache_s: float = Field(
+        5.0, ge=0, description="How long /metrics reuses its sample counts (they read every record) before "
+        "reading Redis again.")
     worker_pool: Literal["threads", "solo"] = Field(
         "threads", description="threads (one slot) keeps the worker answering control commands while a sample runs."
     )

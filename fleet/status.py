@@ -1,19 +1,23 @@
 """``fleet status``: done / queued / running / failed, per group (category, CSV, grid ...)
 and in total, for any kind.
 
-With an experiment, the counts are over its planned samples (done means record and
-file); without one, over every record in the namespace.
+With an experiment, the counts are over its planned samples and the samples it has
+published (the experiments index, fleet.experiment_index): a sample whose input was deleted
+after enqueue keeps its state (done means record and file). Without one, over every record
+in the namespace, and one row per experiment of the index.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import redis
 
+from fleet import experiment_index
 from fleet.contract import FailureRecord, Keys, record_group
 from fleet.kinds import KindModules
 from fleet.kinds.base import Experiment, PlanContext
@@ -27,7 +31,7 @@ STATES = ("done", "queued", "running", "failed")
 class Status:
     by_group: dict[str, Counter] = field(default_factory=dict)
     pending: Counter = field(default_factory=Counter)  # planned but in no state yet, by group
-    sample_ids: set[str] | None = None  # the planned samples (experiment status only)
+    sample_ids: set[str] | None = None  # the planned and counted published samples (experiment status only)
 
     def add(self, group: str, state: str, n: int = 1) -> None:
         self.by_group.setdefault(group, Counter())[state] += n
@@ -54,7 +58,8 @@ def experiment_status(
     client: redis.Redis, namespace: str, exp: Experiment, groups: list[str] | None = None,
     kinds: Mapping[str, KindModules] | None = None,
 ) -> Status:
-    """Counts over the experiment's planned samples (plans; decodes nothing)."""
+    """Counts over the experiment's planned samples (plans; decodes nothing) and the ones it
+    published that are no longer planned (see ``_count_published``)."""
     keys = Keys(namespace)
     legacy = has_legacy_records(client, keys)
     plan = plan_experiment(exp, groups, PlanContext(client, keys, legacy_ids=legacy), kinds)
@@ -81,7 +86,70 @@ def experiment_status(
             st.add(s.group, "failed")
         else:
             st.pending[s.group] += 1
+    _count_published(client, keys, exp.name, st, {s.output_path for s in plan.samples}, groups)
     return st
+
+
+def _count_published(client: redis.Redis, keys: Keys, name: str, st: Status, planned_paths: set[str],
+                     groups: list[str] | None) -> None:
+    """Add to ``st`` the samples experiment ``name`` published that its plan no longer has (a
+    deleted reference video, a removed row), each in the state its records give, under the
+    group it was published with. Left out: ones whose output path a planned sample now writes
+    (the experiment changed a parameter: that sample replaces it), ones of other groups than
+    ``groups``, and ones in no state any more (cancelled)."""
+    counted = st.sample_ids if st.sample_ids is not None else set()
+    extra = [(sid, g, p) for sid, (g, p) in experiment_index.published(client, keys, name).items()
+             if sid not in counted and p not in planned_paths and (groups is None or g in groups)]
+    if not extra:
+        return
+    ids = [sid for sid, _, _ in extra]
+    state = classify(client, keys, ids, [p for _, _, p in extra])
+    todo = [ids[i] for i in state.todo]
+    failed = set()
+    for i in range(0, len(todo), 10000):
+        chunk = todo[i : i + 10000]
+        failed.update(sid for sid, v in zip(chunk, client.hmget(keys.failed, chunk)) if v is not None)
+    for sid, group, _ in extra:
+        for state_name, members in (("done", state.done), ("running", state.running), ("queued", state.queued),
+                                    ("failed", failed)):
+            if sid in members:
+                st.add(group, state_name)
+                counted.add(sid)
+                break
+    st.sample_ids = counted
+
+
+def experiments_overview(client: redis.Redis, namespace: str) -> list[dict]:
+    """One row per experiment of the index, the most recently enqueued first: name, kind,
+    file, output_root, total (samples published), done, queued, running, failed (as the
+    records say; `fleet status EXPERIMENT` also checks each output file), first_enqueued_at
+    and last_enqueued_at (unix s)."""
+    keys = Keys(namespace)
+    running = set(client.hkeys(keys.running))
+    failed = set(client.hkeys(keys.failed))
+    rows = []
+    for e in experiment_index.entries(client, keys):
+        ids = client.hkeys(keys.experiment_samples(e.name))
+        c: Counter = Counter()
+        for i in range(0, len(ids), 10000):
+            chunk = ids[i : i + 10000]
+            pipe = client.pipeline(transaction=False)
+            pipe.smismember(keys.done, chunk)
+            pipe.hmget(keys.queued, chunk)
+            done, queued = pipe.execute()
+            for sid, d, q in zip(chunk, done, queued):
+                if d:
+                    c["done"] += 1
+                elif sid in running:
+                    c["running"] += 1
+                elif q is not None:
+                    c["queued"] += 1
+                elif sid in failed:
+                    c["failed"] += 1
+        rows.append({"name": e.name, "kind": e.kind, "file": e.file, "output_root": e.output_root, "total": len(ids),
+                     **{s: c.get(s, 0) for s in STATES},
+                     "first_enqueued_at": e.first_enqueued_at, "last_enqueued_at": e.last_enqueued_at})
+    return rows
 
 
 def global_status(client: redis.Redis, namespace: str) -> Status:
@@ -115,3 +183,19 @@ def failures(client: redis.Redis, namespace: str, ids: set[str] | None = None) -
         except ValueError:
             continue  # a record of an older schema: counted by status, not listed
     return sorted(out, key=lambda f: f.failed_at)
+
+
+def overview_table(rows: list[dict]):  # -> rich.table.Table (rich is imported only here)
+    """`fleet status`'s table of experiments: name, kind, total, done, queued, running,
+    failed, last enqueued (local time)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title="experiments")
+    for col in ("experiment", "kind", "total", "done", "queued", "running", "failed", "last enqueued"):
+        t.add_column(col, justify="left" if col in ("experiment", "kind", "last enqueued") else "right",
+                     no_wrap=col == "last enqueued")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_enqueued_at"]))
+        t.add_row(escape(r["name"]), escape(r["kind"]), *(str(r[k]) for k in ("total", *STATES)), when)
+    return t

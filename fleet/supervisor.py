@@ -28,6 +28,7 @@ from fleet.contract import WORKER_EXIT_BROKEN, Keys, WorkerEntry
 from fleet.errors import BrokerUnavailable, PlacementError
 from fleet.gpu_inventory import GpuSnapshot, Inventory, inventory_from_env
 from fleet.launcher import run_dir, write_json_atomic
+from fleet.log_files import start_rotation, worker_log
 from fleet.placement import PlacementPolicy, choose_group, eligible_gpus
 from fleet.priority import queue_length
 from fleet.routing import commands_twin, group_queue
@@ -159,8 +160,9 @@ class Supervisor:
     def start(self, plan: WorkerPlan) -> None:
         snapshot = self._snaps.get(plan.gpus[0]) if len(plan.gpus) == 1 else None
         argv, env = worker_command(self.settings, plan.gpus, slot=plan.slot, snapshot=snapshot)
-        logf = self.settings.logs / f"worker-{plan.name}.log"
+        logf = worker_log(self.settings.logs, plan.name)
         logf.parent.mkdir(parents=True, exist_ok=True)
+        argv = [*argv, "--log-file", str(logf)]  # the worker rotates it (fleet.log_files)
         with open(logf, "ab") as out:
             proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
@@ -299,8 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-workers", type=int)
     p.add_argument("--grace-s", type=float, default=60.0)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stdout)
     settings = load_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s",
+                        stream=sys.stdout)
+    start_rotation(settings, settings.logs / "supervisor.log")  # `fleet up` points its stdout there
     try:  # queued multi-GPU work; the workers' heartbeat entries (back-off)
         client = connect(settings, timeout_s=2.0)
     except BrokerUnavailable:

@@ -28,7 +28,12 @@ def protect_metrics() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from fleet.log_files import start_rotation
+    from fleet.settings import load_settings
+
     protect_metrics()
+    settings = load_settings()
+    start_rotation(settings, settings.logs / "flower.log")  # `fleet up` points its stdout there
     from celery.__main__ import main as celery_main  # what `python -m celery` runs
 
     sys.argv = ["celery", "-A", "workers.app", "flower", *(sys.argv[1:] if argv is None else argv)]

@@ -2,20 +2,30 @@
 (fleet.gpu_inventory, the only NVML caller) once a second in a thread; ``window()`` gives
 the figures since the previous call and starts a new window. The runner keeps one for the
 worker's life and puts each sample's window in its record; the train job keeps one per run
-for its per-epoch lines. Nothing on a CPU worker."""
+for its per-epoch lines. Nothing on a CPU worker. ``on_reading`` also hands each reading
+to the worker's GPU time series (workers.gpu_series_feed)."""
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
-from fleet.gpu_inventory import inventory_from_env
+from fleet.gpu_inventory import GpuSnapshot, inventory_from_env
+
+log = logging.getLogger(__name__)
 
 
 class GpuTelemetry:
-    def __init__(self, gpus: tuple[int, ...], interval_s: float = 1.0) -> None:
+    def __init__(self, gpus: tuple[int, ...], interval_s: float = 1.0,
+                 on_reading: Callable[[float, list[GpuSnapshot]], None] | None = None) -> None:
+        """``interval_s``: seconds between readings; ``on_reading(unix time, snapshots of the
+        worker's GPUs)`` is called in the sampling thread after each reading."""
         self.gpus = set(gpus)
         self.interval_s = interval_s
+        self.on_reading = on_reading
         self._samples: list[tuple[float | None, int, float | None, float | None]] = []
         self._last: list[tuple[float | None, int, float | None, float | None]] = []  # the latest reading
         self._lock = threading.Lock()
@@ -48,6 +58,11 @@ class GpuTelemetry:
                 with self._lock:
                     self._samples.extend(reading)
                     self._last = reading
+                if self.on_reading is not None and snaps:
+                    try:
+                        self.on_reading(time.time(), snaps)
+                    except Exception:  # the series are a view: a fault there must not end the readings
+                        log.debug("GPU reading listener failed", exc_info=True)
                 self._stop.wait(self.interval_s)
 
     def start(self) -> GpuTelemetry:

@@ -14,7 +14,7 @@ import threading
 import time
 
 from fleet import records
-from fleet.contract import Keys, WorkerEntry
+from fleet.contract import Keys, WorkerEntry, task_label
 from fleet.publisher import encode_message
 from fleet.routing import all_queues_prefix
 from workers import control_hooks
@@ -83,7 +83,8 @@ class Heartbeat(threading.Thread):
         for sid, entry in self._confirmed_orphans():
             task = entry.task
             queued = records.queued_value(str(task.get("experiment", "?")), str(task.get("group", "?")))
-            label = f"{task.get('label', '')} (orphaned by {entry.worker})"
+            label = task_label(str(task.get("experiment", "")), str(task.get("label", "")), sid,
+                               f"orphaned by {entry.worker}")
             target = control_hooks.orphan_target(self.runner, sid, entry.queue, str(task.get("experiment", "")))
             if target is None:
                 continue  # cancelled: dropped, not published again

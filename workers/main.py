@@ -35,15 +35,19 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 from celery import signals
 
 from fleet.broker import connect
 from fleet.contract import WORKER_EXIT_BROKEN as EXIT_BROKEN
 from fleet.contract import WORKER_EXIT_INTERRUPTED as EXIT_INTERRUPTED
+from fleet.contract import task_label
 from fleet.errors import BrokerUnavailable
+from fleet.log_files import start_rotation
 from fleet.routing import all_queues_prefix
 from fleet.settings import load_settings
+from workers import log_tags
 
 log = logging.getLogger("fleet.worker")
 
@@ -54,10 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", required=True, help="this worker's GPUs (NVML indices): '0', '0,1', or '' for a CPU worker")
     p.add_argument("--device", required=True, choices=["cuda", "cpu"])
     p.add_argument("--queues", required=True, help="comma-separated queue names")
+    p.add_argument("--log-file", help="the log file stdout and stderr go to (`fleet up`'s supervisor): rotated "
+                   "by the settings' log_max_mib and log_backups (fleet.log_files)")
     args = p.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s", stream=sys.stdout)
     settings = load_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+                        stream=sys.stdout)
+    log_tags.install()  # a record logged while a sample runs starts with [<sample id>] (`fleet logs SAMPLE_ID`)
+    if args.log_file:
+        start_rotation(settings, Path(args.log_file))
     while True:  # a worker may start before Redis does (boot order, Slurm): wait for it
         try:
             client = connect(settings)
@@ -112,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             "-E",
             "--without-gossip",
             "--without-mingle",
-            "-l", "INFO",
+            "-l", settings.log_level,
         ]
     )
     if runner.broken:
@@ -244,7 +254,9 @@ class Stopper:
                 task = entry.task
                 lst, step = control_hooks.republish_list(self.runner, entry.queue, str(task.get("experiment", "")))
                 msg = encode_message(json.dumps(task, ensure_ascii=False), entry.queue,
-                                     f"{task.get('label', '')} (given back by {self.runner.worker})", priority=step)
+                                     task_label(str(task.get("experiment", "")), str(task.get("label", "")),
+                                                cur.sample_id, f"given back by {self.runner.worker}"),
+                                     priority=step)
                 queued = records.queued_value(str(task.get("experiment", "?")), str(task.get("group", "?")))
                 tag = delivered[0].delivery_tag if len(delivered) == 1 else None
                 if records.give_back(r, keys, cur.sample_id, cur.token, queued, lst, msg, tag):

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from fleet.contract import CompletionRecord
+from fleet.manifest import MANIFEST_NAME, read  # noqa: F401  (the reader is the producer's; re-exported)
 
 log = logging.getLogger("fleet.worker")
-
-MANIFEST_NAME = "fleet-manifest.jsonl"
 
 
 def append(output_root: str, record: CompletionRecord, params: dict[str, Any]) -> None:
@@ -38,19 +37,3 @@ def append(output_root: str, record: CompletionRecord, params: dict[str, Any]) -
             os.close(fd)  # closing releases the lock
     except OSError as e:
         log.warning("could not append to %s: %s", path, e)
-
-
-def read(output_root: Path) -> dict[str, dict[str, Any]]:
-    """Sample id -> its latest manifest line (lines that are not JSON are skipped)."""
-    out: dict[str, dict[str, Any]] = {}
-    try:
-        with open(output_root / MANIFEST_NAME, encoding="utf-8") as f:
-            for raw in f:
-                try:
-                    d = json.loads(raw)
-                    out[d["sample_id"]] = d
-                except (ValueError, KeyError, TypeError):
-                    continue
-    except FileNotFoundError:
-        pass
-    return out

@@ -25,13 +25,14 @@ import redis
 from pydantic import ValidationError
 
 from fleet import records
-from fleet.contract import CompletionRecord, FailureRecord, Keys, MetricValue, RunningEntry, TaskPayload
+from fleet.contract import CompletionRecord, FailureRecord, Keys, MetricValue, RunningEntry, TaskPayload, task_label
 from fleet.error_policy import Action, decide
 from fleet.errors import PermanentError, Preempted, WaitForResources
 from fleet.publisher import encode_message, kept_payload
 from fleet.settings import FleetSettings
 from workers import control_hooks, manifest
 from workers.confinement import ForbiddenOutput, confine
+from workers.gpu_series_feed import SeriesFeed
 from workers.gpu_telemetry import GpuTelemetry
 from workers.jobs import JobRegistry
 from workers.jobs.base import JobContext
@@ -88,8 +89,12 @@ class SampleRunner:
         self.allowed_roots = settings.allowed_output_roots()
         self.journal = Journal(settings.state_dir / "journal" / f"{worker}.jsonl")
         self.host_gpus = _host_gpus()  # for enqueue's "more GPUs than any host has" check
-        # NVML once a second for the worker's life; each sample's window goes in its record.
-        self.telemetry = GpuTelemetry(gpus).start()
+        # NVML once a second for the worker's life; each sample's window goes in its record, and
+        # each bucket of readings to the GPUs' time series (docs/ARCHITECTURE.md, GPU time series).
+        self.series = (SeriesFeed(client, self.keys, self.hostname, settings.gpu_series_bucket_s,
+                                  settings.gpu_series_window_s) if gpus else None)
+        self.telemetry = GpuTelemetry(gpus, interval_s=min(1.0, settings.gpu_series_bucket_s),
+                                      on_reading=self.series.add if self.series is not None else None).start()
 
 
     def run(self, payload: object, queue: str) -> str:
@@ -266,7 +271,7 @@ class SampleRunner:
             preempted = isinstance(e, Preempted)
             failure = None if preempted else self._failure(task, verdict.error, retrying=True)
             lst, step = control_hooks.republish_list(self, target, task.experiment)  # its priority's list
-            msg = encode_message(nxt.to_json(), target, f"{task.label} (attempt {nxt.attempt})", priority=step)
+            msg = encode_message(nxt.to_json(), target, task_label(task.experiment, task.label, task.sample_id, f"attempt {nxt.attempt}"), priority=step)
             queued = records.queued_value(task.experiment, task.group)
             kept = kept_payload(target, nxt.to_json())
             waiting = isinstance(e, WaitForResources)

@@ -7,6 +7,7 @@ import logging
 
 from fleet.contract import TASK_SAMPLE, FailureRecord
 from workers.app import app
+from workers.log_tags import tagged
 from workers.runner import SampleRunner
 
 log = logging.getLogger("fleet.worker")
@@ -38,7 +39,9 @@ def run_sample(self, payload: dict) -> str:
     if _runner is None:  # a misstarted process must not ack work it cannot do
         raise RuntimeError("worker started without a runner; use `fleet worker`")
     queue = (self.request.delivery_info or {}).get("routing_key") or ""
-    outcome = _runner.run(payload, queue)
+    sid = payload.get("sample_id") if isinstance(payload, dict) else None
+    with tagged(str(sid) if sid is not None else None):  # its log lines name it (`fleet logs SAMPLE_ID`)
+        outcome = _runner.run(payload, queue)
     if outcome == "failed":
         raise SampleFailed(_why_failed(_runner, payload))
     return outcome

@@ -277,6 +277,7 @@ class LocalFleet:
     redis_port: int
     flower_port: int
     namespace: str = "fleet"
+    metrics_port: int = 0  # `fleet metrics` (Prometheus); 0: the setting's default
     seen_pids: set[int] = field(default_factory=set)
 
     @property
@@ -303,6 +304,10 @@ class LocalFleet:
         return f"http://127.0.0.1:{self.flower_port}"
 
     @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
     def logs(self) -> Path:
         return self.state / "logs"
 
@@ -312,7 +317,8 @@ class LocalFleet:
 
     def env(self, **extra: str) -> dict[str, str]:
         return fleet_env({"FLEET_OUTPUT_ROOTS": json.dumps([str(self.tmp)]), "FLEET_STATE_DIR": str(self.state), "FLEET_EMBEDDED_REDIS_PORT": str(self.redis_port),
-                          "FLEET_FLOWER_PORT": str(self.flower_port), "FLEET_NAMESPACE": self.namespace, **extra})
+                          "FLEET_FLOWER_PORT": str(self.flower_port), "FLEET_NAMESPACE": self.namespace,
+                          **({"FLEET_METRICS_PORT": str(self.metrics_port)} if self.metrics_port else {}), **extra})
 
     def fleet(self, *args: str, check: bool = False, timeout_s: float = 120, **extra: str) -> subprocess.CompletedProcess:
         """Run the `fleet` CLI (``python -m fleet.cli``) in a subprocess of this fleet's environment."""
@@ -408,8 +414,8 @@ class LocalFleet:
 def local_fleet(tmp_path: Path) -> Iterator[LocalFleet]:
     """A fleet of its own (state folder, embedded Redis port, Flower port), not yet up: call
     ``local_fleet.up()``. Teardown always runs `fleet down`, then kills leftovers by pid."""
-    redis_port, flower_port = free_ports(2)
-    f = LocalFleet(tmp_path, tmp_path / "state", redis_port, flower_port)
+    redis_port, flower_port, metrics_port = free_ports(3)
+    f = LocalFleet(tmp_path, tmp_path / "state", redis_port, flower_port, metrics_port=metrics_port)
     try:
         yield f
     finally:

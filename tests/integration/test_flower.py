@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet.experiment import load_experiment
 from tests.integration.conftest import LocalFleet, wait_for
 
 pytestmark = pytest.mark.integration
@@ -58,6 +59,7 @@ def test_flower_shows_the_worker_and_the_finished_samples(local_fleet: LocalFlee
     node = f"cpu0@{socket.gethostname()}"
     labels = ["c/v1 seed 42 prompt 0", "c/v1 seed 42 prompt 1"]
     exp = video_experiment(videos={"c": ["v1"]}, prompts={"*": ["a boat", "一只猫"]})
+    exp_name = load_experiment(exp).name
     f.up()
     wait_for(f.worker_registered, 60, f"worker {node}\n{f.log_tails()}")
     assert f.enqueue(exp)["enqueued"] == 2
@@ -98,7 +100,9 @@ def test_flower_shows_the_worker_and_the_finished_samples(local_fleet: LocalFlee
                 expect(row).to_have_count(1)
                 cells = row.locator("td")
                 expect(cells.nth(cols.index("name"))).to_have_text(TASK)
-                expect(cells.nth(cols.index("args"))).to_have_text(label)
+                # The experiment, the sample's label and the start of its id (fleet.contract.task_label).
+                expect(cells.nth(cols.index("args"))).to_have_text(
+                    re.compile(rf"^{re.escape(exp_name)}: {re.escape(label)} \[[0-9a-f]{{12}}\]$"))
                 expect(cells.nth(cols.index("state"))).to_have_text("SUCCESS")
                 expect(cells.nth(cols.index("worker"))).to_have_text(node)
             shot = tmp_path / "flower-tasks.png"

@@ -194,7 +194,7 @@ def test_configured_redis_with_a_password(local_fleet: LocalFleet, password_redi
     client = redis.Redis.from_url(url)
     node = f"cpu0@{socket.gethostname()}"
     r = f.fleet("up", "--cpu-workers", "1", check=True, FLEET_BROKER_URL=url)
-    assert set(f.state_file()["pids"]) == {"supervisor", "flower"}  # no embedded Redis
+    assert set(f.state_file()["pids"]) == {"supervisor", "flower", "metrics"}  # no embedded Redis
     shown = url.replace(password, "***")
     assert f"redis:   {shown}" in r.stdout and f.state_file()["broker_url"] == shown
     assert not (f.state / "redis.password").exists()

@@ -16,7 +16,7 @@ from tests.integration.conftest import LocalFleet, listen_addresses, pid_gone, w
 
 pytestmark = pytest.mark.integration
 
-LOG_FILES = {"redis.log", "supervisor.log", "flower.log", "worker-cpu0.log"}
+LOG_FILES = {"redis.log", "supervisor.log", "flower.log", "metrics.log", "worker-cpu0.log"}
 
 
 def _up_and_ready(f: LocalFleet) -> tuple[dict[str, int], int]:
@@ -27,7 +27,7 @@ def _up_and_ready(f: LocalFleet) -> tuple[dict[str, int], int]:
     state = f.state_file()
     assert state["broker_url"] == f.shown_broker_url and state["flower_url"] == f.flower_url
     pids = state["pids"]
-    assert set(pids) == {"redis", "supervisor", "flower"}
+    assert set(pids) == {"redis", "supervisor", "flower", "metrics"}
     wait_for(f.worker_registered, 60, f"worker cpu0 registered\n{f.log_tails()}")
     workers = f.worker_pids()
     assert set(workers) == {"cpu0"}, workers
@@ -38,7 +38,7 @@ def _up_and_ready(f: LocalFleet) -> tuple[dict[str, int], int]:
 def _down_and_gone(f: LocalFleet, pids: list[int]) -> None:
     r = f.down()
     assert r.stdout.startswith("fleet is down"), r.stdout + r.stderr
-    for name in ("supervisor", "flower", "redis"):
+    for name in ("supervisor", "flower", "metrics", "redis"):
         assert name in r.stdout
     # `fleet down` returns once what it stopped has exited: nothing to wait for.
     assert [p for p in pids if not pid_gone(p)] == []
@@ -62,6 +62,7 @@ def test_up_is_idempotent_and_down_stops_exactly_what_up_started(local_fleet: Lo
     assert "redis-server" in procs[pids["redis"]]
     assert "fleet.supervisor" in procs[pids["supervisor"]] and "--cpu-workers 1" in procs[pids["supervisor"]]
     assert "flower" in procs[pids["flower"]]
+    assert "fleet.cli metrics" in procs[pids["metrics"]]
     assert "workers.main" in procs[worker_pid] and "--name cpu0" in procs[worker_pid]
 
     # The embedded Redis: the process in the pid file, persistent, never evicting, on loopback,
@@ -73,8 +74,9 @@ def test_up_is_idempotent_and_down_stops_exactly_what_up_started(local_fleet: Lo
     assert (f.state / "redis" / "appendonly.aof").is_file()
     assert listen_addresses(f.redis_port) == {"127.0.0.1"}
 
-    # Flower answers on 127.0.0.1 only.
+    # Flower and /metrics answer on 127.0.0.1 only.
     assert listen_addresses(f.flower_port) == {"127.0.0.1"}
+    assert listen_addresses(f.metrics_port) == {"127.0.0.1"}
     with urllib.request.urlopen(f.flower_url + "/healthcheck", timeout=5) as resp:
         assert resp.status == 200 and resp.read() == b"OK"
 

@@ -1,0 +1,76 @@
+"""``kind: noop`` for bench/noop_overhead.py: a sample that does nothing but leave its
+(empty) output file, so what a run measures is the fleet's own per-sample cost (claim,
+lease, payload check, record, manifest line, ack). Both sides in this one module; register
+with ``FLEET_KINDS='{"noop": {"planner": "bench.noop_kind", "job": "bench.noop_kind"}}'``.
+
+An experiment ``{"kind": "noop", "name": ..., "count": N, "output": DIR}`` plans N samples
+``<output>/<i // 1000>/<i>.out``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fleet.errors import InputError
+from fleet.kinds.base import Plan, PlanContext, Sample
+
+
+class NoopExperiment(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    kind: str = "noop"
+    name: str
+    count: int = Field(ge=1)
+    output: Path
+    path: Path
+
+
+def output_of(root: Path, i: int) -> Path:
+    return root / f"{i // 1000:04d}" / f"{i:07d}.out"
+
+
+def touch(path: str) -> None:
+    """The one thing a sample does (the raw Celery task does the same)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    os.close(fd)
+
+
+class NoopKind:
+    name = "noop"
+
+    def load(self, path: Path, data: dict[str, Any], default_output: Path | None) -> NoopExperiment:
+        try:
+            return NoopExperiment(name=data.get("name", path.stem), count=data.get("count", 0),
+                                  output=(path.resolve().parent / str(data.get("output", "out"))).resolve(),
+                                  path=path.resolve())
+        except ValidationError as e:
+            raise InputError(f"{path}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+
+    def plan(self, exp: NoopExperiment, groups: list[str] | None, ctx: PlanContext) -> Plan:
+        samples = []
+        for i in range(exp.count):
+            out = str(output_of(exp.output, i))
+            sid = hashlib.sha256(f"noop {out}".encode()).hexdigest()[:32]
+            samples.append(Sample(sid, "noop", f"noop {i}", out, {}, 0, 0))
+        return Plan(exp, samples, {})
+
+    def check(self, plan: Plan, todo: list[Sample], ctx: PlanContext) -> None:
+        return None
+
+
+KIND = NoopKind()
+
+
+def run(task, ctx):  # (TaskPayload, JobContext) -> JobOutcome
+    from workers.jobs.base import JobOutcome
+
+    touch(task.output_path)
+    return JobOutcome(output_path=task.output_path)
