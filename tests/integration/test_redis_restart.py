@@ -48,7 +48,8 @@ def test_redis_killed_mid_run(fleet_ns: Fleet, own_redis, video_experiment) -> N
     for log in fleet_ns.tmp.glob("worker*.log"):
         starts: dict[str, str] = {}
         for line in log.read_text(errors="replace").splitlines():
-            m = re.match(r"(\S+ \S+) INFO fleet.worker \[\d+\] (start|done) (\w{32})", line)
+            # "[<sample id>] " after the pid: the running sample's tag (workers/log_tags.py)
+            m = re.match(r"(\S+ \S+) INFO fleet.worker \[\d+\] (?:\[\w{32}\] )?(start|done) (\w{32})", line)
             if m:
                 t, what, sid = m.groups()
                 matched[what] += 1
