@@ -188,14 +188,16 @@ def failures(client: redis.Redis, namespace: str, ids: set[str] | None = None) -
 def overview_table(rows: list[dict]):  # -> rich.table.Table (rich is imported only here)
     """`fleet status`'s table of experiments: name, kind, total, done, queued, running,
     failed, last enqueued (local time)."""
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title="experiments")
-    for col in ("experiment", "kind", "total", "done", "queued", "running", "failed", "last enqueued"):
-        t.add_column(col, justify="left" if col in ("experiment", "kind", "last enqueued") else "right",
-                     no_wrap=col == "last enqueued")
+    t = Table(title="experiments", box=box.SIMPLE_HEAD)
+    for col in ("experiment", "kind", "total", "done", "queued", "run", "failed", "enqueued"):
+        # Numbers and times whole; a long name folds (short headers leave it room on 80 columns).
+        t.add_column(col, justify="left" if col in ("experiment", "kind", "enqueued") else "right",
+                     no_wrap=col != "experiment", overflow="fold")
     for r in rows:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_enqueued_at"]))
+        when = time.strftime("%m-%d %H:%M", time.localtime(r["last_enqueued_at"]))
         t.add_row(escape(r["name"]), escape(r["kind"]), *(str(r[k]) for k in ("total", *STATES)), when)
     return t
