@@ -46,12 +46,13 @@ import redis
 from fleet.contract import CompletionRecord, Keys, queue_name
 from fleet.enqueue import enqueue
 from fleet.experiment import load_experiment
+from fleet.kept_payloads import head_id, reference
 from fleet.kinds.base import PlanContext
 from fleet.placement import PlacementPolicy
-from fleet.planner import check_inputs, payloads, plan_experiment
+from fleet.planner import check_inputs, payload_head, plan_experiment, tails
 from fleet.priority import queue_length, queue_lists
 from fleet.publisher import Outgoing, publish
-from fleet.records import classify, drop_stale_queued, queued_value
+from fleet.records import classify, drop_stale_queued
 from fleet.routing import queue_for_sample
 
 PROMPTS_PER_VIDEO = 50
@@ -59,6 +60,7 @@ SEEDS = [42, 142]
 CATEGORIES = ["camera motion 镜头运动", "人物动作", "object_motion", "scene transitions"]
 NEGATIVE = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的"
 TARGETS = {"first": 5.0, "all_done": 1.0}
+SCENARIOS = ("first", "in_flight", "all_done")
 
 
 # ---- dataset -------------------------------------------------------------------------------
@@ -297,11 +299,11 @@ def split_enqueue(client: redis.Redis, namespace: str, exp_path: Path) -> dict:
     policy, classes = PlacementPolicy(), []  # enqueue()'s defaults
     routes = {g: queue_for_sample(g, exp.memory_mib, policy, namespace, classes, exp.spec.gpus_per_sample)
               for g in {smp.group for smp in todo}}
-    marks = {g: queued_value(exp.name, g) for g in routes}
+    hid = head_id(payload_head(plan))
     items = (
-        Outgoing(queue=q, payload_json=payload, sample_id=smp.sample_id, label=smp.label,
-                 queued_value=marks[smp.group])
-        for smp, q, payload in payloads(plan, todo, lambda smp: routes[smp.group])
+        Outgoing(queue=q, payload_json=reference(smp.sample_id), sample_id=smp.sample_id, label=smp.label,
+                 mark=f"{hid}\t{q}\t{tail}")
+        for smp, q, tail in tails(plan, todo, lambda smp: routes[smp.group])
     )
     out["published"] = publish(client, keys, items)
     out["publish_s"] = time.perf_counter() - t
@@ -371,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
             before_each=lambda: reset_to_fresh(client, keys, queue))
         _check(queue_length(client, queue) == expected and client.hlen(keys.queued) == expected, "first: queue/queued size")
         _check(client.hlen(keys.kind_cache("video", "probes")) == n_videos, "first: every video probed once")
+        # What a queued sample costs Redis: MEMORY USAGE (every element) of the namespace's keys.
+        ns_keys = [k for pat in (f"{namespace}:*", f"{namespace}.q.*") for k in client.scan_iter(match=pat, count=10000)]
+        res["bytes_per_queued_sample"] = round(sum(client.memory_usage(k, samples=0) or 0 for k in ns_keys) / expected, 1)
         reset_to_fresh(client, keys, queue)
         split = split_enqueue(client, namespace, exp_path)
         _check(split["published"] == expected, "first split published all")
@@ -418,9 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     fs = res["first"]["split"]
     print(f"\ncpu = this process's CPU time (Redis's own is not in it); others = cores busy on the machine just "
           f"before a run (max over the repetitions; {cores} = all).")
+    print(f"Redis memory per queued sample (MEMORY USAGE of the namespace's keys / {expected}): "
+          f"{res['bytes_per_queued_sample']:.0f} B")
     print(f"probe share of the first run (split): {fs['probe_s'] / fs['total_s']:.1%} "
           f"({fs['videos_probed']} videos, first frame each); decodes during planning: "
-          f"{sum(res[n]['split']['plan_decodes'] for n in res)}; decodes in re-runs: "
+          f"{sum(res[n]['split']['plan_decodes'] for n in SCENARIOS)}; decodes in re-runs: "
           f"{res['in_flight']['split']['probe_decodes'] + res['all_done']['split']['probe_decodes']}")
 
     rnd = lambda v: round(v, 4) if isinstance(v, float) else v  # noqa: E731
@@ -440,9 +447,10 @@ def main(argv: list[str] | None = None) -> int:
         "all_done_s": rnd(res["all_done"]["wall_s"]),
         "targets": {"first_s": TARGETS["first"], "all_done_s": TARGETS["all_done"]},
         "runs": {n: {k: ([rnd(x) for x in v] if isinstance(v, list) else rnd(v)) for k, v in res[n].items() if k != "split"}
-                 for n in res},
-        "split": {n: {k: rnd(v) for k, v in res[n]["split"].items()} for n in res},
+                 for n in SCENARIOS},
+        "split": {n: {k: rnd(v) for k, v in res[n]["split"].items()} for n in SCENARIOS},
         "probe_share_first": rnd(fs["probe_s"] / fs["total_s"]),
+        "bytes_per_queued_sample": res["bytes_per_queued_sample"],
     }
     print(json.dumps(summary, ensure_ascii=False))
     return 0

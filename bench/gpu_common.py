@@ -492,6 +492,43 @@ class UtilSampler(threading.Thread):
                 "busy_fraction": round(sum(vals) / len(vals) / 100.0, 4)}
 
 
+def stage_profile(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds per stage (``stage_<name>_s`` metrics of the samples' records or the bare
+    loop's outcomes: text, inputs, denoise, vae, convert, encode, write, wait, record_prev)
+    over the samples that report it, plus the text cache's hit rate."""
+    sums: dict[str, list[float]] = defaultdict(list)
+    for m in metrics:
+        for k, v in m.items():
+            if k.startswith("stage_") and k.endswith("_s") and isinstance(v, (int, float)):
+                sums[k[len("stage_"):-len("_s")]].append(float(v))
+    out = {k: round(sum(v) / len(v), 4) for k, v in sums.items()}
+    hits = sum(int(m.get("text_cache_hits_count", 0) or 0) for m in metrics)
+    encodes = sum(int(m.get("text_encodes_count", 0) or 0) for m in metrics)
+    if hits + encodes:
+        out["text_cache_hit_rate"] = round(hits / (hits + encodes), 4)
+    return out
+
+
+STAGE_ORDER = ["reference", "text", "inputs", "denoise", "vae", "convert", "encode", "write", "wait", "record_prev"]
+
+
+def print_profile(phases: dict[str, dict[str, Any]]) -> None:
+    """A table: one row per stage, one column per phase that has a ``profile``."""
+    cols = [(name, ph["profile"]) for name, ph in phases.items() if ph.get("profile")]
+    if not cols:
+        return
+    stages = [s for s in STAGE_ORDER if any(s in p for _, p in cols)]
+    stages += sorted({s for _, p in cols for s in p} - set(stages) - {"text_cache_hit_rate"})
+    rows = [["stage (mean s/sample)", *[n for n, _ in cols]]]
+    rows += [[s, *[f"{p[s]:.4f}" if s in p else "-" for _, p in cols]] for s in stages]
+    rows.append(["text cache hit rate", *[f"{p['text_cache_hit_rate']:.2f}" if "text_cache_hit_rate" in p else "-"
+                                          for _, p in cols]])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print()
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

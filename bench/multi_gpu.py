@@ -377,7 +377,7 @@ def raw_phase(exp: Path, count: int, device: str, result: Path) -> int:
         spec = params.model
         # The video job's cache key (workers/jobs/video.py): kind, model identity, device.
         pipe, _, _ = cache.get("video", spec.model_dump_json(), device, lambda spec=spec: load_pipeline(spec, device))
-        frames = np.stack([np.asarray(f.convert("RGB")) for f in _generate(params, pipe)])
+        frames = np.ascontiguousarray(_generate(params, pipe))  # (T, H, W, 3) uint8, as the job writes them
         out.append({"sample_id": t.sample_id, "shape": list(frames.shape),
                     "sha256": hashlib.sha256(frames.tobytes()).hexdigest(), "mean": float(frames.mean())})
     write_json(result, {"device": device, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "samples": out})

@@ -131,12 +131,21 @@ def worker(ctx: click.Context, gpu: int | None, gpus: str | None, cpu: bool, slo
 @click.option("--max-slots", type=int, help="Cap on packed slots per GPU.")
 @click.option("--cpu-workers", type=int, help="Start this many CPU workers instead of GPU workers.")
 @click.option("--allow-commands", is_flag=True, help="Its workers run shell commands (kind commands); off by default.")
+@click.option("--foreground", is_flag=True, help="Run the supervisor in this process, for systemd or Slurm: no "
+              "daemon, SIGTERM stops the workers gracefully, exit status 1 on failure.")
+@click.option("--flower", "with_flower", is_flag=True, help="With --foreground: run Flower and /metrics too.")
+@click.option("--grace-s", type=float, default=None, help="With --foreground: seconds workers get to finish their "
+              "sample after SIGTERM before they give it back (default 60).")
 @click.pass_context
 @handles_errors
 def up(ctx: click.Context, gpu_list: str | None, exclude: str | None, min_free_mib: int | None, reserve: int | None,
        exclusive: bool | None, slots_per_gpu: int | None, packed_mib: int | None, max_slots: int | None,
-       cpu_workers: int | None, allow_commands: bool) -> None:
+       cpu_workers: int | None, allow_commands: bool, foreground: bool, with_flower: bool,
+       grace_s: float | None) -> None:
     """Start Redis (embedded unless configured), one worker per usable GPU, and Flower."""
+    if not foreground and (with_flower or grace_s is not None):
+        raise click.UsageError("--flower and --grace-s go with --foreground (`fleet up` always starts Flower; "
+                               "`fleet down --grace-s` stops it)")
     from fleet.launcher import launch_of
     from fleet.launcher import up as do_up
     from fleet.placement import PlacementPolicy
@@ -166,6 +175,10 @@ def up(ctx: click.Context, gpu_list: str | None, exclude: str | None, min_free_m
         requested["cpu_workers"] = launch["cpu_workers"]
     if allow_commands:
         requested["allow_commands"] = True
+    if foreground:
+        from fleet.foreground import run_foreground
+
+        sys.exit(run_foreground(settings, cpu_workers, with_flower, 60.0 if grace_s is None else grace_s))
     info = do_up(settings, cpu_workers=cpu_workers, requested=requested)
     click.echo(info.describe())
 

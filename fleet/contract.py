@@ -47,15 +47,20 @@ class Keys:
         self.namespace = ns
         self.done = f"{ns}:done"  # SET of sample ids whose record says done
         self.done_bytes = f"{ns}:done_bytes"  # HASH sample id -> its output's size in bytes (-1: a folder)
-        # HASH output path -> [sample id, experiment]: who writes each output (enqueue refuses a
-        # second experiment writing the same path with other parameters)
+        # HASH 12-byte BLAKE2b of an output path (fleet.publisher.output_key) -> "<sample id>\t<experiment>":
+        # who writes each output (enqueue refuses a second experiment writing the same path with other
+        # parameters). ``outputs`` is its earlier form, path -> [sample id, experiment], still read.
+        self.output_owners = f"{ns}:output_owners"
         self.outputs = f"{ns}:outputs"
         self.enqueue_lock = f"{ns}:lock:enqueue"  # held by one `fleet enqueue` of the namespace at a time
         self.records = f"{ns}:records"  # HASH sample id -> CompletionRecord JSON
         self.failed = f"{ns}:failed"  # HASH sample id -> FailureRecord JSON (cleared on success)
-        self.queued = f"{ns}:queued"  # HASH sample id -> [experiment, group] (published, not started)
-        # HASH sample id -> "<head id>\t<queue>\t<payload after its head>", from publishing until
-        # done or failed for good: a message Redis lost is published again from it
+        # HASH sample id -> its mark, "<head id>\t<queue>\t<tail>": published, not started. The mark keeps
+        # the sample's payload (fleet.kept_payloads): the worker expands a message's reference from
+        # it, and a message Redis lost is published again from it. Earlier marks: [experiment, group].
+        self.queued = f"{ns}:queued"
+        # HASH sample id -> "<head id>\t<queue>\t<payload after its head>": the kept payloads of samples
+        # published before marks kept them; read by recovery and cancel, written no more
         self.payloads = f"{ns}:payloads"
         self.payload_heads = f"{ns}:payload_heads"  # HASH head id -> the constant start of an experiment's payloads
         self.lost_suspects = f"{ns}:lost_suspects"  # HASH sample id -> unix time first seen without a message
@@ -222,6 +227,8 @@ class WorkerEntry(BaseModel):
     group: str | None = None
     label: str | None = None
     progress: float | None = Field(None, description="Fraction of the current sample done, when the job reports it")
+    finishing: str | None = Field(None, description="The sample whose output and record it is writing in the "
+                                  "background while it runs the next (docs/ARCHITECTURE.md, Overlapped finish)")
     done: int = Field(0, ge=0, description="Samples this worker process has made (the supervisor resets its restart back-off)")
     failed: int = Field(0, ge=0, description="Samples this worker process failed for good")
     seen_at: float

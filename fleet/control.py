@@ -1,7 +1,7 @@
 """Control of an experiment's work: ``fleet cancel``, ``pause``/``resume``, ``retry``, and the
 experiment priority every republish follows.
 
-Producer side (the commands) and worker side (``gate`` before a claim, the reaper's
+Producer side (the commands) and worker side (``park``, the reaper's
 ``unpark``) share this module; it imports nothing of ``workers`` or celery.
 
 Redis keys (``ControlKeys``), all under the namespace:
@@ -15,16 +15,18 @@ Redis keys (``ControlKeys``), all under the namespace:
 | ``<ns>:priorities`` | hash | experiment -> kombu priority step of its samples (fleet.priority) |
 | ``<ns>:control:tmp:*`` | list | a list being rebuilt, inside one script call only |
 
-**Cancel.** A cancelled sample loses its queued mark, its kept payload and its lost-message
-suspicion (one script, only while it is still queued), gets a tombstone, and its messages
-are taken out of the queues and parked lists (one script per list, matching the delivery
-tags of the messages decoded here). Nothing publishes it again: lost-message recovery
+**Cancel.** A cancelled sample loses its queued mark, which keeps its payload (and a kept
+payload of the earlier layout, ``<ns>:payloads``), and its lost-message suspicion (one script,
+only while it is still queued), gets a tombstone, and its messages are taken out of the
+queues and parked lists (one script per list, matching the delivery tags of the messages
+decoded here; a message that only refers to its sample's mark is matched by its sample). Nothing publishes it again: lost-message recovery
 needs the queued mark and the kept payload, retries and the reaper check the tombstone.
-The rule a worker applies to a message it has popped (``gate``): kept payload gone and a
+The rule a worker applies to a message it has popped (the gate of fleet/admission.py's
+script, in the same round trip as its done check and claim): kept payload gone and a
 tombstone = cancelled, skip it without claiming (the tombstone is what tells a cancelled
 sample from a message published without a kept payload, e.g. by a test or a plain
-``send_task``, which runs as before; a re-enqueue keeps a payload again, so a tombstone
-never blocks it). A running sample of a cancelled
+``send_task``, which runs as before; a re-enqueue keeps a payload again and drops the
+tombstone, ``forget_cancelled``, so a tombstone never blocks it). A running sample of a cancelled
 experiment loses its kept payload and gets a tombstone too: its worker's heartbeat sees it
 and sets the sample's stop event (``JobContext.stopping``); a job that honours it stops
 early, one that does not finishes. Either way it is never published again: an error after
@@ -47,7 +49,6 @@ attempt 1, exactly its samples that failed for good and are not queued, running 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -61,9 +62,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis
 
+from fleet import kept_payloads
 from fleet.contract import Keys, TaskPayload, queue_name, task_label
 from fleet.priority import NORMAL_STEP, experiment_step, priority_list
-from fleet.publisher import encode_message
+from fleet.publisher import encode_message, message_body
 
 if TYPE_CHECKING:
     from fleet.kinds import KindModules
@@ -118,17 +120,38 @@ class Message(NamedTuple):
     experiment: str
     group: str
     tag: str  # the envelope's properties.delivery_tag (what the scripts below match on)
+    ref: bool = False  # its payload is a reference: experiment and group are its queued mark's (``decode_all``)
 
 
 def decode(raw: bytes | str) -> Message | None:
-    """What a kombu envelope of fleet.sample says of its sample; None for anything else."""
+    """What a kombu envelope of fleet.sample says of its sample; None for anything else. A
+    reference's experiment and group are empty here (``decode_all`` reads them)."""
     try:
         env = json.loads(raw)
-        payload = json.loads(base64.b64decode(env["body"]))[0][0]
+        payload = message_body(env)[0][0]  # type: ignore[index]
+        tag = str(env["properties"]["delivery_tag"])
+        ref = kept_payloads.reference_of(payload)
+        if ref is not None:
+            return Message(ref, "", "", tag, True)
         return Message(str(payload["sample_id"]), str(payload.get("experiment", "")),
-                       str(payload.get("group", "")), str(env["properties"]["delivery_tag"]))
-    except (ValueError, KeyError, IndexError, TypeError):
+                       str(payload.get("group", "")), tag)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return None
+
+
+def decode_all(client: redis.Redis, keys: Keys, raws: list[bytes]) -> list[Message | None]:
+    """``decode`` of each message, with the experiment and group of each reference read from
+    its sample's queued mark (left empty when the mark is gone)."""
+    out = [decode(m) for m in raws]
+    refs = [i for i, m in enumerate(out) if m is not None and m.ref]
+    heads = kept_payloads.Heads(client, keys)
+    for start in range(0, len(refs), CHUNK):
+        part = refs[start : start + CHUNK]
+        for i, raw in zip(part, client.hmget(keys.queued, [out[i].sample_id for i in part])):  # type: ignore[union-attr]
+            if raw is not None:
+                exp, group = kept_payloads.owner(raw.decode("utf-8"), heads)
+                out[i] = out[i]._replace(experiment=exp, group=group)  # type: ignore[union-attr]
+    return out
 
 
 def queue_lists(client: redis.Redis, keys: Keys) -> list[str]:
@@ -261,8 +284,7 @@ def _take(client: redis.Redis, keys: Keys, lists: list[str], select: Callable[[M
         dest_args: list[str] = []
         pairs: list[str | int] = []
         owner: dict[str, str] = {}
-        for m in raw:
-            msg = decode(m)
+        for msg in decode_all(client, keys, raw):
             if msg is None or not select(msg):
                 continue
             if msg.tag in owner:
@@ -286,26 +308,6 @@ def _take(client: redis.Redis, keys: Keys, lists: list[str], select: Callable[[M
 
 
 # ---- the worker's side -------------------------------------------------------------------------------
-def gate(client: redis.Redis, keys: Keys, task: TaskPayload, queue: str) -> str | None:
-    """What a worker does with a delivered sample before claiming it (one round trip):
-    ``"skipped-cancelled"`` (kept payload gone and a tombstone), ``"parked"`` (its experiment
-    or the namespace is paused: the message is parked, not claimed), or None: run it."""
-    ck = ControlKeys(keys.namespace)
-    pipe = client.pipeline(transaction=False)
-    pipe.hexists(keys.payloads, task.sample_id)
-    pipe.zscore(ck.cancelled, task.sample_id)
-    pipe.smismember(ck.paused, [task.experiment, ALL])
-    kept, tombstone, paused = pipe.execute()
-    if not kept and tombstone is not None:
-        log.info("sample %s was cancelled; skipping it", task.sample_id)
-        return "skipped-cancelled"
-    if any(paused):
-        park(client, keys, task, queue)
-        log.info("sample %s: experiment %r is paused; parked it", task.sample_id, task.experiment)
-        return "parked"
-    return None
-
-
 def park(client: redis.Redis, keys: Keys, task: TaskPayload, queue: str) -> None:
     """Park a delivered sample of a paused experiment at the back of its parked list."""
     ck = ControlKeys(keys.namespace)
@@ -319,12 +321,26 @@ def park(client: redis.Redis, keys: Keys, task: TaskPayload, queue: str) -> None
 
 
 def was_cancelled(client: redis.Redis, keys: Keys, sample_id: str) -> bool:
-    """The sample was cancelled (kept payload gone, tombstone present): never publish it again."""
+    """The sample was cancelled (kept payload gone - its queued mark, or one of the earlier
+    layout - and a tombstone present): never publish it again."""
     pipe = client.pipeline(transaction=False)
     pipe.hexists(keys.payloads, sample_id)
+    pipe.hexists(keys.queued, sample_id)
     pipe.zscore(ControlKeys(keys.namespace).cancelled, sample_id)
-    kept, tombstone = pipe.execute()
-    return not kept and tombstone is not None
+    kept, marked, tombstone = pipe.execute()
+    return not kept and not marked and tombstone is not None
+
+
+def forget_cancelled(client: redis.Redis, keys: Keys, sample_ids: list[str]) -> int:
+    """Drop the tombstones of samples about to be published again (`fleet enqueue` of a
+    cancelled experiment): they run, and run to the end. One ZCARD when there are none."""
+    ck = ControlKeys(keys.namespace)
+    if not sample_ids or not client.zcard(ck.cancelled):
+        return 0
+    n = 0
+    for i in range(0, len(sample_ids), CHUNK):
+        n += int(client.zrem(ck.cancelled, *sample_ids[i : i + CHUNK]))
+    return n
 
 
 def drop_running(client: redis.Redis, keys: Keys, sample_id: str) -> None:
@@ -441,19 +457,17 @@ def cancel(client: redis.Redis, namespace: str, experiment: str, groups: list[st
     now = time.time() if now is None else now
     with _namespace_lock(client, keys):
         ids = []
+        heads = kept_payloads.Heads(client, keys)
         for sid, raw in client.hscan_iter(keys.queued, count=1000):
-            try:
-                exp, group = json.loads(raw)[:2]
-            except (ValueError, TypeError):
-                continue
-            if match(str(exp), str(group)):
+            if match(*kept_payloads.owner(raw.decode("utf-8", "replace"), heads)):
                 ids.append(sid.decode())
         forget = client.register_script(_FORGET)
-        forgotten = 0
+        gone: set[str] = set()  # their messages go too: a reference's mark is gone now, its id says whose
         for i in range(0, len(ids), CHUNK):
             got = forget(keys=[keys.queued, keys.payloads, keys.lost_suspects, ck.cancelled],
                          args=[now, *ids[i : i + CHUNK]])
-            forgotten += len(got)
+            gone.update(g.decode() if isinstance(g, bytes) else str(g) for g in got)
+        forgotten = len(gone)
         running = _running_of(client, keys, match)
         if running:
             pipe = client.pipeline(transaction=True)
@@ -461,7 +475,7 @@ def cancel(client: redis.Redis, namespace: str, experiment: str, groups: list[st
             pipe.zadd(ck.cancelled, {sid: now for sid in running})
             pipe.execute()
         lists = queue_lists(client, keys) + [p.decode() for p in parked_lists(client, keys)]
-        taken = _take(client, keys, lists, lambda m: match(m.experiment, m.group), park=False)
+        taken = _take(client, keys, lists, lambda m: m.sample_id in gone or match(m.experiment, m.group), park=False)
         forget_empty = client.register_script(_FORGET_EMPTY)
         for pk in parked_lists(client, keys):
             forget_empty(keys=[ck.parked, pk])  # a parked list the cancel emptied leaves the index
@@ -547,9 +561,8 @@ def retry(
     from fleet.errors import PlacementError
     from fleet.kinds.base import PlanContext
     from fleet.placement import PlacementPolicy
-    from fleet.planner import check_inputs, payload_head, payloads, plan_experiment
-    from fleet.publisher import kept_payload
-    from fleet.records import classify, queued_value
+    from fleet.planner import check_inputs, payload_head, plan_experiment, tails
+    from fleet.records import classify
     from fleet.routing import queue_for_sample
 
     keys = Keys(namespace)
@@ -577,33 +590,32 @@ def retry(
                 raise PlacementError(f"{exp.path}: {e}") from None
         step = record_priority(client, keys, exp)
         head = payload_head(plan)
-        head_id = hashlib.sha256(head.encode()).hexdigest()[:16]
-        client.hset(keys.payload_heads, head_id, head)
-        marks = {g: queued_value(exp.name, g) for g in {s.group for s in todo}}
+        hid = kept_payloads.head_id(head)
+        client.hset(keys.payload_heads, hid, head)
         out = [
-            (smp.sample_id, marks[smp.group], kept_payload(q, payload, head, head_id), priority_list(q, step),
-             encode_message(payload, q, task_label(exp.name, smp.label, smp.sample_id, "retry"), priority=step))
-            for smp, q, payload in payloads(plan, todo, lambda s: routes[(s.group, s.memory_mib, s.gpus)])
+            (smp.sample_id, kept_payloads.mark(hid, q, tail), priority_list(q, step),
+             encode_message(kept_payloads.reference(smp.sample_id), q,
+                            task_label(exp.name, smp.label, smp.sample_id, "retry"), priority=step))
+            for smp, q, tail in tails(plan, todo, lambda s: routes[(s.group, s.memory_mib, s.gpus)])
         ]
         _publish_front(client, keys, ck, out)
     return RetryResult(exp.name, len(out), len(failed), not_planned)
 
 
 def _publish_front(client: redis.Redis, keys: Keys, ck: ControlKeys,
-                   items: list[tuple[str, str, str, str, bytes]]) -> None:
-    """Publish (sample id, queued value, kept payload, list, message) items at the front of
-    their lists, the first item frontmost: RPUSH from the last item to the first, chunk by
-    chunk, each chunk with its marks and kept payloads in one transaction."""
+                   items: list[tuple[str, str, str, bytes]]) -> None:
+    """Publish (sample id, queued mark, list, message) items at the front of their lists, the
+    first item frontmost: RPUSH from the last item to the first, chunk by chunk, each chunk
+    with its marks (which keep the payloads) in one transaction."""
     rev = items[::-1]
     for i in range(0, len(rev), CHUNK):
         chunk = rev[i : i + CHUNK]
         pipe = client.pipeline(transaction=True)
-        pipe.hset(keys.queued, mapping={sid: mark for sid, mark, _, _, _ in chunk})
-        pipe.hset(keys.payloads, mapping={sid: kept for sid, _, kept, _, _ in chunk})
+        pipe.hset(keys.queued, mapping={sid: mark for sid, mark, _, _ in chunk})
         pipe.hdel(keys.deliveries, *[sid for sid, *_ in chunk])
         pipe.zrem(ck.cancelled, *[sid for sid, *_ in chunk])
         by_list: dict[str, list[bytes]] = {}
-        for _sid, _mark, _kept, lst, msg in chunk:
+        for _sid, _mark, lst, msg in chunk:
             by_list.setdefault(lst, []).append(msg)
         for lst, msgs in by_list.items():
             pipe.rpush(lst, *msgs)

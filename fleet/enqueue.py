@@ -7,7 +7,6 @@ input never leaves a half-enqueued experiment.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -20,21 +19,21 @@ import redis
 from redis.exceptions import LockError
 
 from fleet.contract import Keys, WorkerEntry, queue_name, task_label
-from fleet.control import record_priority
+from fleet.control import forget_cancelled, record_priority
 from fleet.errors import BrokerUnavailable, InputError, PlacementError
 from fleet.experiment_index import adopt_published, note_enqueue
+from fleet.kept_payloads import head_id, reference
 from fleet.kinds import KindModules, registry
 from fleet.kinds.base import Experiment, PlanContext, Sample
 from fleet.placement import PlacementPolicy
-from fleet.planner import check_inputs, payload_head, payloads, plan_experiment
-from fleet.publisher import Outgoing, kept_payload, publish
+from fleet.planner import bulk, check_inputs, payload_head, plan_experiment, tails
+from fleet.publisher import Outgoing, output_key, publish
 from fleet.records import (
     CHUNK,
     adopt_legacy_records,
     classify,
     drop_stale_queued,
     has_legacy_records,
-    queued_value,
     undo,
 )
 from fleet.routing import queue_for_sample
@@ -81,7 +80,8 @@ def enqueue(
         raise BrokerUnavailable(f"another `fleet enqueue` of namespace {namespace!r} has held its lock for "
                                 f"{lock_timeout_s:.0f} s; try again when it has finished")
     try:
-        return _enqueue(client, keys, exp, groups, dry_run, policy, memory_classes_mib, kinds, rerun)
+        with bulk():
+            return _enqueue(client, keys, exp, groups, dry_run, policy, memory_classes_mib, kinds, rerun)
     finally:
         try:
             lock.release()
@@ -110,9 +110,10 @@ def _enqueue(
         state.done.update(migrated)
         todo = [smp for smp in todo if smp.sample_id not in migrated]
     in_flight = len(state.queued) + len(state.running)
+    owner_keys = [output_key(smp.output_path) for smp in todo]  # once: checked, then written
     if todo:
         check_output_root(exp)
-        check_output_owners(client, keys, exp, todo)
+        check_output_owners(client, keys, exp, todo, owner_keys)
     check_inputs(plan, todo, ctx, kinds)
     check_gpu_counts(client, keys, exp, todo)
     policy = policy or PlacementPolicy()
@@ -128,28 +129,33 @@ def _enqueue(
         return EnqueueResult(len(ids), len(state.done), in_flight, 0, todo)
     if rerun and state.done:
         undo(client, keys, [smp.sample_id for smp in todo if smp.sample_id in state.done])
-    marks = {g: queued_value(exp.name, g) for g in {smp.group for smp in todo}}  # the queued hash's value, once per group
     step = record_priority(client, keys, exp)  # the experiment's priority: its queue lists (fleet.control)
+    # Each payload is kept once, in its queued mark: the head, shared, under its id; the sample's
+    # own tail in the mark. The message carries a reference the worker expands (fleet.kept_payloads).
     head = payload_head(plan)
-    head_id = hashlib.sha256(head.encode()).hexdigest()[:16]
-    client.hset(keys.payload_heads, head_id, head)
+    hid = head_id(head)
+    client.hset(keys.payload_heads, hid, head)
+    forget_cancelled(client, keys, [smp.sample_id for smp in todo])  # a cancelled sample enqueued again runs
     enc = encode_basestring
-    exp_json = enc(exp.name)
+    owner_tail = "\t" + exp.name
+    root = str(exp.output) + "/"  # the head's output root: the samples index keeps paths under it relative
+    cut = len(root)
     items = (
         Outgoing(
             queue=q,
-            payload_json=payload,
+            payload_json=reference(smp.sample_id),
             sample_id=smp.sample_id,
             label=task_label(exp.name, smp.label, smp.sample_id),
-            queued_value=marks[smp.group],
-            kept=kept_payload(q, payload, head, head_id),
-            output_path=smp.output_path,
-            owner=f'["{smp.sample_id}",{exp_json}]',
+            mark=f"{hid}\t{q}\t{tail}",  # kept_payloads.mark, inlined
+            owner_key=okey,
+            owner=smp.sample_id + owner_tail,
             priority=step,
             experiment=exp.name,
-            member=f"[{enc(smp.group)},{enc(smp.output_path)}]",  # experiment_index.member, without its set-up
+            member=(f"{hid}[{enc(smp.group)},{enc(smp.output_path[cut:])}]" if smp.output_path.startswith(root)
+                    else f"[{enc(smp.group)},{enc(smp.output_path)}]"),  # experiment_index.member, inlined
         )
-        for smp, q, payload in payloads(plan, todo, lambda smp: routes[(smp.group, smp.memory_mib, smp.gpus)])
+        for (smp, q, tail), okey in zip(tails(plan, todo, lambda smp: routes[(smp.group, smp.memory_mib, smp.gpus)]),
+                                        owner_keys)
     )
     # The experiments index (fleet.experiment_index), what `fleet status` lists and counts: the
     # samples hash gets the ids published now with their messages, ones published before it existed here.
@@ -204,21 +210,32 @@ def check_output_root(exp: Experiment) -> None:
         raise InputError(f"{exp.path}: output: {out} is not a writable folder")
 
 
-def check_output_owners(client: redis.Redis, keys: Keys, exp: Experiment, todo: list[Sample]) -> None:
+def check_output_owners(client: redis.Redis, keys: Keys, exp: Experiment, todo: list[Sample],
+                        owner_keys: list[bytes] | None = None) -> None:
     """Refuse a sample whose output path another experiment writes with other parameters.
 
-    The outputs index maps each published output path to the sample and experiment that
-    write it. The same experiment re-planning a path with new parameters replaces its own
-    sample (that is how a changed parameter is made again); another experiment would
-    overwrite a file the first one counts as done.
+    The output owners index maps each published output path (by its hash) to the sample and
+    experiment that write it; its earlier form (keyed by the path) is read too while it exists.
+    The same experiment re-planning a path with new parameters replaces its own sample (that
+    is how a changed parameter is made again); another experiment would overwrite a file the
+    first one counts as done. ``owner_keys``: ``output_key`` of each sample's path, when made already.
     """
+    legacy = bool(client.exists(keys.outputs))
+    okeys = owner_keys if owner_keys is not None else [output_key(s.output_path) for s in todo]
     for i in range(0, len(todo), CHUNK):
         chunk = todo[i : i + CHUNK]
-        for smp, raw in zip(chunk, client.hmget(keys.outputs, [s.output_path for s in chunk])):
+        pipe = client.pipeline(transaction=False)
+        pipe.hmget(keys.output_owners, okeys[i : i + CHUNK])
+        if legacy:
+            pipe.hmget(keys.outputs, [s.output_path for s in chunk])
+        found = pipe.execute()
+        for k, smp in enumerate(chunk):
+            raw = next((part[k] for part in found if part[k] is not None), None)  # the current index first
             if raw is None:
                 continue
             try:
-                sid, other = json.loads(raw)
+                text = raw.decode("utf-8")
+                sid, other = json.loads(text) if text.startswith("[") else text.split("\t", 1)
             except (ValueError, TypeError):
                 continue
             if sid != smp.sample_id and other != exp.name:

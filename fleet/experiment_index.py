@@ -1,6 +1,6 @@
 """The experiments index: which experiments a namespace has published, and every sample
 each one published (docs/ARCHITECTURE.md, "Redis keys": ``<ns>:experiments``,
-``<ns>:experiment_samples:<name>``).
+``<ns>:experiment_samples:<name>``, each sample's value ``member``).
 
 A plan is what the experiment file and its inputs say *now*; the index is what was
 published. A sample whose input was deleted after enqueue leaves the plan but not the
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass
 
 import redis
 
 from fleet.contract import Keys
+from fleet.kept_payloads import Heads
 from fleet.kinds.base import Experiment, Sample
 
 CHUNK = 10000
@@ -40,9 +41,30 @@ class ExperimentEntry:
         return asdict(self)
 
 
-def member(group: str, output_path: str) -> str:
-    """The samples hash's value of one sample: JSON [group, output path]."""
+def member(group: str, output_path: str, head_id: str = "", output_root: str = "") -> str:
+    """The samples hash's value of one sample: JSON [group, output path]; or, for a path under
+    ``output_root``, the root of the payload head ``head_id`` (fleet.kept_payloads), that id
+    followed by JSON [group, the path relative to the root] - a million samples' index is then
+    a few dozen MB smaller. ``fleet.enqueue`` inlines it."""
+    if head_id and output_path.startswith(output_root + "/"):
+        return head_id + json.dumps([group, output_path[len(output_root) + 1 :]], ensure_ascii=False)
     return json.dumps([group, output_path], ensure_ascii=False)
+
+
+def _unmember(raw: bytes, heads: Heads) -> tuple[str, str] | None:
+    """(group, output path) from a samples hash value of either form; None when it does not parse."""
+    try:
+        text = raw.decode("utf-8")
+        hid, rest = ("", text) if text.startswith("[") else (text[:16], text[16:])
+        group, path = json.loads(rest)
+        if hid:
+            root = heads.output_root(hid)
+            if root is None:
+                return None
+            path = f"{root}/{path}"
+        return str(group), str(path)
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def adopt_published(client: redis.Redis, keys: Keys, name: str, known: Iterable[Sample]) -> int:
@@ -90,15 +112,23 @@ def entry(client: redis.Redis, keys: Keys, name: str) -> ExperimentEntry | None:
     return _load(client.hget(keys.experiments, name), name)
 
 
-def published(client: redis.Redis, keys: Keys, name: str) -> dict[str, tuple[str, str]]:
-    """Sample id -> (group, output path) of every sample experiment ``name`` has published."""
+def published(client: redis.Redis, keys: Keys, name: str, but: Collection[str] = ()) -> dict[str, tuple[str, str]]:
+    """Sample id -> (group, output path) of every sample experiment ``name`` has published,
+    less those in ``but``. With ``but``, the ids are listed first (HKEYS) and only the others'
+    values read: a status whose plan has every published sample reads no value at all."""
+    hkey = keys.experiment_samples(name)
     out: dict[str, tuple[str, str]] = {}
-    for k, v in client.hscan_iter(keys.experiment_samples(name), count=CHUNK):
-        try:
-            group, path = json.loads(v)
-        except (ValueError, TypeError):
-            continue
-        out[k.decode()] = (str(group), str(path))
+    if but:
+        ids = list(set(map(bytes.decode, client.hkeys(hkey))).difference(but))  # in C: a million ids in ~0.3 s
+        pairs = ((sid, v) for i in range(0, len(ids), CHUNK)
+                 for sid, v in zip(ids[i : i + CHUNK], client.hmget(hkey, ids[i : i + CHUNK])))
+    else:
+        pairs = ((k.decode(), v) for k, v in client.hscan_iter(hkey, count=CHUNK))
+    heads = Heads(client, keys)
+    for sid, v in pairs:
+        found = _unmember(v, heads) if v is not None else None
+        if found is not None:
+            out[sid] = found
     return out
 
 

@@ -30,7 +30,7 @@ import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fleet import gpu_series
+from fleet import gpu_series, kept_payloads
 from fleet.contract import Keys
 from fleet.gpu_view import live_workers
 
@@ -62,9 +62,9 @@ def sample_counts(client: redis.Redis, keys: Keys) -> Counter[tuple[str, str, st
     for raw in records.values():
         counts[(*_where(raw), "done")] += 1
     queued = _hash(client, keys.queued)
+    heads = kept_payloads.Heads(client, keys)
     for raw in queued.values():
-        experiment, group = json.loads(raw)[:2]
-        counts[(str(experiment), str(group), "queued")] += 1
+        counts[(*kept_payloads.owner(raw.decode("utf-8", "replace"), heads), "queued")] += 1
     running = _hash(client, keys.running)
     for raw in running.values():
         task = json.loads(raw)["task"]

@@ -1,8 +1,9 @@
-"""``fleet metrics``: the Prometheus endpoint (fleet.metrics) on 127.0.0.1, behind Flower's login.
+"""``fleet metrics``: the Prometheus endpoint (fleet.metrics) on 127.0.0.1 (by default), behind Flower's login.
 
 `fleet up` starts it beside Flower and `fleet down` stops it (fleet.launcher). It listens on
-loopback only: the counts name every experiment and group, and whoever reaches the port
-from elsewhere should come through an SSH tunnel or a Prometheus on the host. Every path but
+loopback by default: the counts name every experiment and group, and whoever reaches the port
+from elsewhere should come through an SSH tunnel or a Prometheus on the host (setting
+``metrics_address``: 0.0.0.0 in a container, whose port the host publishes). Every path but
 ``/healthcheck`` (which answers "OK" and nothing else, for `fleet up`'s wait) asks for the
 login by HTTP basic auth: Flower's user and password (settings flower_user and
 flower_password, or the generated ``<state_dir>/flower.password``), compared in constant time.
@@ -27,7 +28,7 @@ from fleet.settings import FleetSettings
 
 log = logging.getLogger(__name__)
 
-ADDRESS = "127.0.0.1"  # loopback only (module docstring)
+ADDRESS = "127.0.0.1"  # loopback by default (module docstring); setting metrics_address
 
 
 def login_ok(header: str | None, user: str, password: str) -> bool:
@@ -45,8 +46,9 @@ def login_ok(header: str | None, user: str, password: str) -> bool:
     return bool(colon) and user_ok and password_ok
 
 
-def make_server(registry: CollectorRegistry, user: str, password: str, port: int) -> ThreadingHTTPServer:
-    """The HTTP server of ``registry`` on 127.0.0.1:``port`` (0: a free port), not yet serving."""
+def make_server(registry: CollectorRegistry, user: str, password: str, port: int,
+                address: str = ADDRESS) -> ThreadingHTTPServer:
+    """The HTTP server of ``registry`` on ``address``:``port`` (0: a free port), not yet serving."""
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "fleet-metrics"
@@ -77,9 +79,9 @@ def make_server(registry: CollectorRegistry, user: str, password: str, port: int
             log.debug("%s " + fmt, self.address_string(), *args)  # a scrape every few seconds: not for the log file
 
     try:
-        return ThreadingHTTPServer((ADDRESS, port), Handler)
+        return ThreadingHTTPServer((address, port), Handler)
     except OSError as e:
-        raise ConfigError(f"metrics: cannot listen on {ADDRESS}:{port} ({e.strerror or e}); set metrics_port "
+        raise ConfigError(f"metrics: cannot listen on {address}:{port} ({e.strerror or e}); set metrics_port "
                           "to a free port") from None
 
 
@@ -93,9 +95,9 @@ def serve(settings: FleetSettings) -> None:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(client, settings.namespace, settings.heartbeat_s, settings.metrics_cache_s,
                                      series_max_age_s=max(30.0, 3 * settings.gpu_series_bucket_s)))
-    server = make_server(registry, user, password, settings.metrics_port)
-    print(f"fleet metrics on http://{ADDRESS}:{settings.metrics_port}/metrics (login {user})", file=sys.stderr,
-          flush=True)
+    server = make_server(registry, user, password, settings.metrics_port, settings.metrics_address)
+    print(f"fleet metrics on http://{settings.metrics_address}:{settings.metrics_port}/metrics (login {user})",
+          file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     finally:

@@ -18,11 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
+from redis.commands.core import Script
 
-from fleet import control
+from fleet import control, output_files
 from fleet.contract import CompletionRecord, FailureRecord, Keys, RunningEntry, task_label
+from fleet.kept_payloads import Heads, is_legacy, unkeep
 from fleet.kinds.base import Sample
-from fleet.publisher import encode_message, unkeep
+from fleet.publisher import encode_message, message_sample_id
 
 CHUNK = 10000
 
@@ -43,7 +45,8 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
 
     Reads, in this order: the running hash, the done sizes (HMGET; for ids without one,
     the done set, which is all records written before sizes were kept), then - only for
-    the samples not done - the queued hash (HMGET), and the running hash again. Skipping
+    the samples not done - which have a queued mark (``present``: flags, not the marks, which
+    keep whole payloads), and the running hash again. Skipping
     the queued marks of done samples halves the Redis work of a re-run that is mostly
     done. The order catches every sample in transit: queued -> running (claim) is seen by
     reading queued before running; running -> queued (requeue) and running -> done by
@@ -55,7 +58,8 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
     for i in range(0, n, CHUNK):
         pipe.hmget(keys.done_bytes, list(ids[i : i + CHUNK]))
     sizes = [d for part in pipe.execute() for d in part] if n else []
-    unsized = [k for k, b in enumerate(sizes) if b is None]
+    # Ids in the done set without a size: records from before sizes were kept, if there are any.
+    unsized = [k for k, b in enumerate(sizes) if b is None] if has_legacy_records(client, keys) else []
     legacy: set[int] = set()
     if unsized:
         pipe = client.pipeline(transaction=False)
@@ -65,22 +69,23 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
         legacy = {k for k, d in zip(unsized, flags) if d}
     done: set[str] = set()
     rest: list[int] = []  # not done: queued, running or to do
-    stat = os.stat
+    recorded = [k for k, b in enumerate(sizes) if b is not None or k in legacy]
+    found = iter(output_files.sizes([outputs[k] for k in recorded]))
+    nxt = recorded[0] if recorded else -1
+    pos = 0
     for k, b in enumerate(sizes):
-        if b is not None or k in legacy:
-            try:
-                st = stat(outputs[k])
-            except OSError:
-                rest.append(k)
-                continue
+        if k == nxt:
+            pos += 1
+            nxt = recorded[pos] if pos < len(recorded) else -1
+            size = next(found)
             want = int(b) if b is not None else -1
-            if want < 0 or st.st_size == want:  # -1: a folder, or a record from before sizes were kept
+            # -1: a folder, or a record from before sizes were kept
+            if size is not None and (want < 0 or size == want):
                 done.add(ids[k])
                 continue
         rest.append(k)
     pipe = client.pipeline(transaction=False)
-    for i in range(0, len(rest), CHUNK):
-        pipe.hmget(keys.queued, [ids[k] for k in rest[i : i + CHUNK]])
+    present(pipe, keys.queued, [ids[k] for k in rest])
     pipe.hkeys(keys.running)
     answers = pipe.execute()
     running.update(k.decode() for k in answers[-1])
@@ -91,11 +96,31 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
         sid = ids[k]
         if sid in running:
             pass
-        elif q is not None:
+        elif q:
             queued.add(sid)
         else:
             todo.append(k)
     return Classified(done, queued, running & set(ids), todo)
+
+
+# 1 for each field of ARGV the hash KEYS[1] has, else 0: HEXISTS over many fields in one call
+# (an HMGET would send back every queued mark, a whole payload each).
+_PRESENT = """
+local out = {}
+for i = 1, #ARGV do out[i] = redis.call('HEXISTS', KEYS[1], ARGV[i]) end
+return out
+"""
+_present_script: Script | None = None
+
+
+def present(pipe: redis.client.Pipeline, key: str, fields: Sequence[str]) -> None:
+    """Queue on ``pipe`` one script call per ``CHUNK`` fields; each answers a list of 0/1, in
+    order: whether hash ``key`` has that field."""
+    global _present_script
+    if _present_script is None:
+        _present_script = pipe.register_script(_PRESENT)
+    for i in range(0, len(fields), CHUNK):
+        _present_script(keys=[key], args=list(fields[i : i + CHUNK]), client=pipe)
 
 
 def has_legacy_records(client: redis.Redis, keys: Keys) -> bool:
@@ -153,11 +178,6 @@ def _upgraded(rec: dict, smp: Sample, size: int) -> CompletionRecord:
     )
 
 
-def queued_value(experiment: str, group: str) -> str:
-    """What the queued hash holds per sample: enough for status without the payload."""
-    return json.dumps([experiment, group], ensure_ascii=False)
-
-
 # ---- worker side -----------------------------------------------------------------------------
 def undo(client: redis.Redis, keys: Keys, sample_ids: Sequence[str]) -> None:
     """Make done samples to-do again (``fleet enqueue --rerun``): their done marks go, their
@@ -170,38 +190,6 @@ def undo(client: redis.Redis, keys: Keys, sample_ids: Sequence[str]) -> None:
         pipe.execute()
 
 
-def is_done(client: redis.Redis, keys: Keys, sample_id: str, output_path: str) -> bool:
-    """Done: a record, and the output in place with the recorded size (see classify)."""
-    pipe = client.pipeline(transaction=False)
-    pipe.hget(keys.done_bytes, sample_id)
-    pipe.sismember(keys.done, sample_id)
-    size, member = pipe.execute()
-    if size is None and not member:
-        return False
-    try:
-        st = os.stat(output_path)
-    except OSError:
-        return False
-    return size is None or int(size) < 0 or st.st_size == int(size)
-
-
-def claim(client: redis.Redis, keys: Keys, entry: RunningEntry, sample_id: str, ttl_s: float) -> int | None:
-    """Take the lease of a sample; None when another live worker holds it.
-
-    Returns how many times the sample has now started (deliveries), counted here
-    because a task that kills its worker is redelivered forever otherwise (docs/ARCHITECTURE.md, "Leases").
-    """
-    if not client.set(keys.lease(sample_id), entry.token, nx=True, px=int(ttl_s * 1000)):
-        holder = client.get(keys.lease(sample_id))
-        if holder is not None and holder.decode() != entry.token:
-            return None
-    pipe = client.pipeline(transaction=True)
-    pipe.hincrby(keys.deliveries, sample_id, 1)
-    pipe.hset(keys.running, sample_id, entry.model_dump_json())
-    pipe.hdel(keys.queued, sample_id)
-    return int(pipe.execute()[0])
-
-
 def renew(client: redis.Redis, keys: Keys, sample_id: str, token: str, ttl_s: float) -> bool:
     """Extend our lease; False when it is no longer ours (expired and taken)."""
     script = client.register_script(
@@ -212,37 +200,52 @@ def renew(client: redis.Redis, keys: Keys, sample_id: str, token: str, ttl_s: fl
     return bool(script(keys=[keys.lease(sample_id)], args=[token, int(ttl_s * 1000)]))
 
 
-def complete(client: redis.Redis, keys: Keys, record: CompletionRecord) -> None:
-    """Mark done (after the output file is in place) and drop the running state."""
+# KEYS: 1 records, 2 done, 3 done_bytes, 4 payloads, 5 failed, 6 running, 7 deliveries, 8 lease.
+# ARGV: 1 sample id, 2 the record's JSON, 3 its output's size in bytes (-1: a folder).
+_COMPLETE = """
+local sid = ARGV[1]
+redis.call('HSET', KEYS[1], sid, ARGV[2])
+redis.call('SADD', KEYS[2], sid)
+redis.call('HSET', KEYS[3], sid, ARGV[3])
+redis.call('HDEL', KEYS[4], sid)
+redis.call('HDEL', KEYS[5], sid)
+redis.call('HDEL', KEYS[6], sid)
+redis.call('HDEL', KEYS[7], sid)
+redis.call('DEL', KEYS[8])
+return 1
+"""
+_complete_script: Script | None = None  # registered once: the sha is the text's, any client runs it
+
+
+def complete(client: redis.Redis, keys: Keys, record: CompletionRecord, record_json: str | None = None) -> None:
+    """Mark done (after the output file is in place) and drop the running state, atomically
+    in one script call: the record, the done set and size, and the end of the kept payload,
+    failure, running entry, deliveries and lease. ``record_json``: the record already
+    serialised (by_alias), so a caller that has it does not pay for it twice."""
+    global _complete_script
+    if _complete_script is None:
+        _complete_script = client.register_script(_COMPLETE)
     sid = record.sample_id
-    pipe = client.pipeline(transaction=True)
-    pipe.hset(keys.records, sid, record.model_dump_json(by_alias=True))
-    pipe.sadd(keys.done, sid)
-    pipe.hset(keys.done_bytes, sid, record.output_bytes)
-    pipe.hdel(keys.payloads, sid)
-    pipe.hdel(keys.failed, sid)
-    pipe.hdel(keys.running, sid)
-    pipe.hdel(keys.deliveries, sid)
-    pipe.delete(keys.lease(sid))
-    pipe.execute()
+    _complete_script(keys=[keys.records, keys.done, keys.done_bytes, keys.payloads, keys.failed, keys.running,
+                           keys.deliveries, keys.lease(sid)],
+                     args=[sid, record_json or record.model_dump_json(by_alias=True), record.output_bytes],
+                     client=client)
 
 
 def fail(client: redis.Redis, keys: Keys, record: FailureRecord, final: bool) -> None:
-    """Record a failure; ``final`` also ends the running state (no retry follows)."""
+    """Record a failure, end the run and release the sample (drop its queued mark: a
+    duplicate's), in one transaction; ``final`` also ends its deliveries and kept
+    payload (no retry follows)."""
     sid = record.sample_id
     pipe = client.pipeline(transaction=True)
     pipe.hset(keys.failed, sid, record.model_dump_json(by_alias=True))
     pipe.hdel(keys.running, sid)
     pipe.delete(keys.lease(sid))
+    pipe.hdel(keys.queued, sid)
     if final:
         pipe.hdel(keys.deliveries, sid)
         pipe.hdel(keys.payloads, sid)
     pipe.execute()
-
-
-def release(client: redis.Redis, keys: Keys, sample_id: str) -> None:
-    """Give a sample back without a verdict (skipped duplicate)."""
-    client.hdel(keys.queued, sample_id)
 
 
 def orphans(client: redis.Redis, keys: Keys, ttl_s: float, now: float | None = None) -> list[tuple[str, RunningEntry]]:
@@ -307,7 +310,9 @@ def requeue(
     after a retryable error, or a preempted sample): it has waited its turn once already.
     ``keep_deliveries``: a preempted sample's starts keep counting (it did not crash).
     ``delay_s`` > 0: the message waits in the delayed set until then (a back-off); the
-    reaper moves it to the front of its queue (``release_delayed``). It counts as queued."""
+    reaper moves it to the front of its queue (``release_delayed``). It counts as queued.
+    ``queued``: its queued mark, which keeps its payload; ``payload``: a kept payload of the
+    earlier layout (a journal written before marks kept payloads), "" for none."""
     pipe = client.pipeline(transaction=True)
     if failure is not None:
         pipe.hset(keys.failed, sample_id, failure.model_dump_json(by_alias=True))
@@ -316,7 +321,8 @@ def requeue(
         pipe.hdel(keys.deliveries, sample_id)  # deliveries count crashes within one attempt
     pipe.delete(keys.lease(sample_id))
     pipe.hset(keys.queued, sample_id, queued)
-    pipe.hset(keys.payloads, sample_id, payload)
+    if payload:
+        pipe.hset(keys.payloads, sample_id, payload)
     if delay_s > 0:
         # The message is JSON text (kombu's envelope): it rides inside the member as a string.
         pipe.zadd(keys.delayed, {json.dumps([queue, message.decode()]): time.time() + delay_s})
@@ -365,8 +371,6 @@ def stale_queued(client: redis.Redis, keys: Keys, queue_prefix: str) -> list[str
     queue, a Redis restored from an older file, or Redis killed between a worker's BRPOP
     and its reply (kombu's Redis transport loses that message).
     """
-    import base64
-
     queues = [q for q in client.scan_iter(match=f"{queue_prefix}*", count=1000)]
     queues += control.parked_lists(client, keys)  # a paused experiment's parked messages are present (fleet.control)
     waiting = sum(client.llen(q) for q in queues) + client.zcard(keys.delayed)  # retries in their back-off too
@@ -385,11 +389,9 @@ def stale_queued(client: redis.Redis, keys: Keys, queue_prefix: str) -> list[str
     live: set[str] = set()
     backing_off = [m for _, m in delayed_messages(client, keys)]
     for raw in [m for q in queues for m in client.lrange(q, 0, -1)] + delivered + backing_off:
-        try:
-            env = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
-            live.add(json.loads(base64.b64decode(env["body"]))[0][0]["sample_id"])
-        except (ValueError, KeyError, IndexError, TypeError):
-            continue  # not one of ours
+        sid = message_sample_id(raw)  # a whole payload's id, or the id a reference names
+        if sid is not None:
+            live.add(sid)
     return [k.decode() for k in client.hkeys(keys.queued) if k.decode() not in live]
 
 
@@ -418,11 +420,18 @@ def recover_lost(
         client.hset(keys.lost_suspects, mapping=new)
     due = [sid for sid in stale if sid in first_seen and now - first_seen[sid] >= grace_s]
     published = []
-    for sid, kept in zip(due, client.hmget(keys.payloads, due) if due else []):
+    heads = Heads(client, keys)
+    for sid, mark in zip(due, client.hmget(keys.queued, due) if due else []):
         client.hdel(keys.lost_suspects, sid)
-        if kept is None or not client.hexists(keys.queued, sid):
+        if mark is None:
             continue  # started or finished meanwhile
-        found = unkeep(kept.decode(), lambda h: (v.decode() if (v := client.hget(keys.payload_heads, h)) else None))
+        kept = mark.decode("utf-8")
+        if is_legacy(kept):  # a mark of the earlier layout: the payload was kept apart
+            raw = client.hget(keys.payloads, sid)
+            if raw is None:
+                continue
+            kept = raw.decode("utf-8")
+        found = unkeep(kept, sid, heads.get)
         if found is None:
             continue
         queue, payload = found

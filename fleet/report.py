@@ -35,18 +35,29 @@ def percentile(values: Sequence[float], pct: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (rank - lo)
 
 
+def sample_held_s(r: CompletionRecord) -> float:
+    """Seconds the sample held its worker's GPUs: its duration, or ``gpu_held_s`` when its tail
+    (encoding, writing) ran in the background beside the next sample (docs/ARCHITECTURE.md,
+    "Overlapped finish"): the rest of its duration held no GPU, and counting it would count
+    the next sample's GPU time twice."""
+    held = r.metrics.get("gpu_held_s")
+    if isinstance(held, bool) or not isinstance(held, (int, float)) or not math.isfinite(held):
+        return r.duration_s
+    return min(float(held), r.duration_s)
+
+
 def sample_gpu_s(r: CompletionRecord) -> float:
-    """GPU-seconds a sample held: its duration times the GPUs of its worker (0 on a CPU worker)."""
-    return r.duration_s * len(r.gpus)
+    """GPU-seconds a sample held: its held time times the GPUs of its worker (0 on a CPU worker)."""
+    return sample_held_s(r) * len(r.gpus)
 
 
 def sample_energy_j(r: CompletionRecord) -> float | None:
     """Joules the sample's GPUs drew: ``gpu_power_w`` (the mean per GPU, workers/gpu_telemetry.py)
-    times its GPUs times its duration; None when no power was read."""
+    times its GPUs times its held time; None when no power was read."""
     power = r.metrics.get("gpu_power_w")
     if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power):
         return None
-    return float(power) * max(1, len(r.gpus)) * r.duration_s
+    return float(power) * max(1, len(r.gpus)) * sample_held_s(r)
 
 
 @dataclass

@@ -80,6 +80,12 @@ class FleetSettings(BaseSettings):
         "(broken CUDA, full disk) stops taking work instead of failing the whole queue",
     )
     torch_threads: int = Field(1, ge=1, description="torch.set_num_threads per worker (CPU work; small hosts).")
+    finish_in_background: bool = Field(
+        True, description="A video or image sample's CPU tail (encoding, writing, its record) runs in a thread of "
+        "the worker while the next sample computes; at most one pending (off: one sample after the other).")
+    text_cache_entries: int = Field(
+        32, ge=0, description="Text embeddings a diffusion worker keeps (LRU; prompts shared by its samples are "
+        "encoded once; Wan: 4 MiB of GPU memory each); 0: none.")
     placement: PlacementPolicy = Field(
         default_factory=PlacementPolicy,
         description="Which GPUs, how many slots each, reserve, exclusive/shared, pinned categories (fleet.placement).",
@@ -100,6 +106,9 @@ class FleetSettings(BaseSettings):
     metrics_port: int = Field(
         9464, ge=1, le=65535, description="Port of the Prometheus /metrics endpoint `fleet up` starts on "
         "127.0.0.1 (`fleet metrics`), behind Flower's login.")
+    metrics_address: str = Field(
+        "127.0.0.1", description="Address `fleet metrics` listens on: loopback, or 0.0.0.0 in a container whose "
+        "port only the host publishes (docker/compose.yaml); the login guards every address.")
     metrics_cache_s: float = Field(
         5.0, ge=0, description="How long /metrics reuses its sample counts (they read every record) before "
         "reading Redis again.")

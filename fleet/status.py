@@ -12,17 +12,17 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import redis
 
-from fleet import experiment_index
+from fleet import experiment_index, kept_payloads
 from fleet.contract import FailureRecord, Keys, record_group
 from fleet.kinds import KindModules
 from fleet.kinds.base import Experiment, PlanContext
-from fleet.planner import plan_experiment
-from fleet.records import adopt_legacy_records, classify, has_legacy_records
+from fleet.planner import bulk, plan_experiment
+from fleet.records import adopt_legacy_records, classify, has_legacy_records, present
 
 STATES = ("done", "queued", "running", "failed")
 
@@ -60,6 +60,12 @@ def experiment_status(
 ) -> Status:
     """Counts over the experiment's planned samples (plans; decodes nothing) and the ones it
     published that are no longer planned (see ``_count_published``)."""
+    with bulk():
+        return _experiment_status(client, namespace, exp, groups, kinds)
+
+
+def _experiment_status(client: redis.Redis, namespace: str, exp: Experiment, groups: list[str] | None,
+                       kinds: Mapping[str, KindModules] | None) -> Status:
     keys = Keys(namespace)
     legacy = has_legacy_records(client, keys)
     plan = plan_experiment(exp, groups, PlanContext(client, keys, legacy_ids=legacy), kinds)
@@ -74,32 +80,35 @@ def experiment_status(
     for i in range(0, len(todo_ids), 10000):
         chunk = todo_ids[i : i + 10000]
         failed.update(sid for sid, v in zip(chunk, client.hmget(keys.failed, chunk)) if v is not None)
-    for s in plan.samples:
-        sid = s.sample_id
-        if sid in state.done:
-            st.add(s.group, "done")
-        elif sid in state.running:
-            st.add(s.group, "running")
-        elif sid in state.queued:
-            st.add(s.group, "queued")
-        elif sid in failed:
-            st.add(s.group, "failed")
-        else:
-            st.pending[s.group] += 1
-    _count_published(client, keys, exp.name, st, {s.output_path for s in plan.samples}, groups)
+    # Counted with set operations per group (in C): a million samples in a fraction of a second.
+    by_group: dict[str, list[str]] = {}
+    for group, sid in zip([s.group for s in plan.samples], ids):
+        by_group.setdefault(group, []).append(sid)
+    for group, members in by_group.items():
+        rest = set(members)
+        for state_name, found in (("done", state.done), ("running", state.running), ("queued", state.queued),
+                                  ("failed", failed)):  # the first state that has it wins
+            hit = rest & found
+            if hit:
+                st.add(group, state_name, len(hit))
+                rest -= hit
+        if rest:
+            st.pending[group] += len(rest)
+    _count_published(client, keys, exp.name, st, lambda: {s.output_path for s in plan.samples}, groups)
     return st
 
 
-def _count_published(client: redis.Redis, keys: Keys, name: str, st: Status, planned_paths: set[str],
-                     groups: list[str] | None) -> None:
+def _count_published(client: redis.Redis, keys: Keys, name: str, st: Status,
+                     planned_paths: Callable[[], set[str]], groups: list[str] | None) -> None:
     """Add to ``st`` the samples experiment ``name`` published that its plan no longer has (a
     deleted reference video, a removed row), each in the state its records give, under the
     group it was published with. Left out: ones whose output path a planned sample now writes
     (the experiment changed a parameter: that sample replaces it), ones of other groups than
     ``groups``, and ones in no state any more (cancelled)."""
     counted = st.sample_ids if st.sample_ids is not None else set()
-    extra = [(sid, g, p) for sid, (g, p) in experiment_index.published(client, keys, name).items()
-             if sid not in counted and p not in planned_paths and (groups is None or g in groups)]
+    published = experiment_index.published(client, keys, name, but=counted)
+    paths = planned_paths() if published else set()  # only when there are any: a million paths
+    extra = [(sid, g, p) for sid, (g, p) in published.items() if p not in paths and (groups is None or g in groups)]
     if not extra:
         return
     ids = [sid for sid, _, _ in extra]
@@ -135,14 +144,14 @@ def experiments_overview(client: redis.Redis, namespace: str) -> list[dict]:
             chunk = ids[i : i + 10000]
             pipe = client.pipeline(transaction=False)
             pipe.smismember(keys.done, chunk)
-            pipe.hmget(keys.queued, chunk)
+            present(pipe, keys.queued, chunk)  # flags: a mark keeps a whole payload
             done, queued = pipe.execute()
             for sid, d, q in zip(chunk, done, queued):
                 if d:
                     c["done"] += 1
                 elif sid in running:
                     c["running"] += 1
-                elif q is not None:
+                elif q:
                     c["queued"] += 1
                 elif sid in failed:
                     c["failed"] += 1
@@ -158,8 +167,9 @@ def global_status(client: redis.Redis, namespace: str) -> Status:
     st = Status()
     for v in client.hvals(keys.records):
         st.add(record_group(v), "done")
+    heads = kept_payloads.Heads(client, keys)
     for v in client.hvals(keys.queued):
-        st.add(json.loads(v)[1], "queued")
+        st.add(kept_payloads.group_of(v.decode("utf-8", "replace"), heads), "queued")
     for v in client.hvals(keys.running):
         task = json.loads(v)["task"]
         st.add(str(task.get("group", task.get("category", "?"))), "running")

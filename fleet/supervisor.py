@@ -259,7 +259,7 @@ class Supervisor:
     def shutdown(self, grace_s: float = 60.0) -> None:
         self.stopping = True
         for name in list(self.running):
-            self.stop(name, "fleet down", drain=False)
+            self.stop(name, "the fleet is stopping (fleet down, or SIGTERM to `fleet up --foreground`)", drain=False)
         deadline = time.monotonic() + grace_s
         for r in self.running.values():
             try:

@@ -25,10 +25,11 @@ from collections.abc import Callable, Iterator, Mapping
 
 import redis
 
-from fleet import experiment_index, gpu_series
+from fleet import experiment_index, gpu_series, kept_payloads
 from fleet.contract import Keys, WorkerEntry, record_group
 from fleet.kinds import KindModules
 from fleet.kinds.base import Experiment
+from fleet.records import present
 from fleet.status import STATES, Status, experiment_status
 from fleet.watch_rates import CHUNK, WINDOW_S, RecordTracker, eta_s
 
@@ -142,7 +143,7 @@ class Watcher:
         pipe = self.client.pipeline(transaction=False)
         for i in range(0, len(ids), CHUNK):
             pipe.smismember(self.keys.done, ids[i : i + CHUNK])
-            pipe.hmget(self.keys.queued, ids[i : i + CHUNK])
+            present(pipe, self.keys.queued, ids[i : i + CHUNK])  # flags: a mark keeps a whole payload
         pipe.hkeys(self.keys.running)
         pipe.hkeys(self.keys.failed)
         answers = pipe.execute()
@@ -153,7 +154,7 @@ class Watcher:
         newly = []
         for sid, d, q in zip(ids, done, queued):
             b = sid.encode()
-            state = ("done" if d else "running" if b in running else "queued" if q is not None
+            state = ("done" if d else "running" if b in running else "queued" if q
                      else "failed" if b in failed else "pending")
             if d:
                 newly.append(sid)
@@ -170,7 +171,8 @@ class Watcher:
         for g, n in self.records.done_by_group.items():
             st.add(g, "done", n)
         queued = [k.decode() for k in self.client.hkeys(self.keys.queued)]
-        self._name(queued, self.keys.queued, lambda raw: str(json.loads(raw)[1]))
+        heads = kept_payloads.Heads(self.client, self.keys)
+        self._name(queued, self.keys.queued, lambda raw: kept_payloads.group_of(raw.decode("utf-8", "replace"), heads))
         for sid in queued:
             st.add(self._names.get(sid, "?"), "queued")
         for entry in running.values():

@@ -18,13 +18,16 @@ class ForbiddenOutput(PermanentError):
     """The task's output lies outside what this worker may write."""
 
 
-def _real(path: str) -> Path:
+def _real(path: str) -> str:
     # realpath resolves every symlink of the part that exists; a missing tail stays as given.
-    return Path(os.path.realpath(path))
+    return os.path.realpath(path)
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+def _inside(path: str, root: str) -> bool:
+    """``path`` is ``root`` or lies below it; both resolved (absolute, normalised, no trailing
+    separator but the file system root's). Plain string work: this runs for every sample, and
+    Path.parents built a Path per level."""
+    return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
 
 
 def confine(output_root: str, output_path: str, allowed: list[Path]) -> None:
@@ -33,7 +36,7 @@ def confine(output_root: str, output_path: str, allowed: list[Path]) -> None:
     if not allowed:
         raise ForbiddenOutput("this worker may write no outputs: set output_roots (or output_dir) in its settings")
     root, out = _real(output_root), _real(output_path)
-    if not any(_inside(root, a) for a in allowed):
+    if not any(_inside(root, str(a)) for a in allowed):
         raise ForbiddenOutput(f"output root {output_root} is outside the folders this worker may write "
                               f"({', '.join(map(str, allowed))}; setting output_roots)")
     if not _inside(out, root) or out == root:

@@ -1,7 +1,8 @@
 """The worker's side of ``fleet cancel`` / ``pause`` and of experiment priority (fleet.control):
 small hooks the runner and the heartbeat call. Plain code, no celery.
 
-- ``gate``: before a claim, skip a cancelled sample or park one of a paused experiment.
+- ``gated``: a sample the admission script stopped before its claim: skip a cancelled one,
+  park one of a paused experiment.
 - ``sample_stop``: the stop event a job sees (``JobContext.stopping``): set when the worker
   stops or when the sample is cancelled while it runs (``watch_cancel``, every heartbeat).
 - ``end_if_cancelled``: a cancelled sample's error ends its run; it is never retried.
@@ -50,9 +51,15 @@ class SampleStop(threading.Event):
         return True
 
 
-def gate(runner: SampleRunner, task: TaskPayload, queue: str) -> str | None:
-    """``"skipped-cancelled"``, ``"parked"``, or None (claim and run it); see fleet.control.gate."""
-    return control.gate(runner.client, runner.keys, task, queue)
+def gated(runner: SampleRunner, task: TaskPayload, queue: str, state: str) -> str:
+    """Act on the admission script's gate (fleet/admission.py applies fleet.control's rules):
+    ``cancelled`` is skipped, ``paused`` parked; returns ``"skipped-cancelled"`` or ``"parked"``."""
+    if state == "cancelled":
+        log.info("sample %s was cancelled; skipping it", task.sample_id)
+        return "skipped-cancelled"
+    control.park(runner.client, runner.keys, task, queue)
+    log.info("sample %s: experiment %r is paused; parked it", task.sample_id, task.experiment)
+    return "parked"
 
 
 def sample_stop(runner: SampleRunner, sample_id: str) -> SampleStop:

@@ -15,6 +15,7 @@ import time
 
 from fleet import records
 from fleet.contract import Keys, WorkerEntry, task_label
+from fleet.kept_payloads import kept_payload, reference
 from fleet.publisher import encode_message
 from fleet.routing import all_queues_prefix
 from workers import control_hooks
@@ -46,9 +47,12 @@ class Heartbeat(threading.Thread):
             n = self.runner.journal.replay(r, keys)
             log.warning("replayed %d record writes kept while Redis was away", n)
         with self.runner.lock:
-            cur = self.runner.current
-        if cur is not None and not records.renew(r, keys, cur.sample_id, cur.token, s.lease_ttl_s):
-            log.warning("lost the lease of %s to another worker", cur.sample_id)
+            cur, finishing = self.runner.current, self.runner.finishing
+        # A sample being finished keeps its lease until its record is written: its file is not
+        # in place yet, and a reaper must not publish it again meanwhile.
+        for held in (cur, finishing):
+            if held is not None and not records.renew(r, keys, held.sample_id, held.token, s.lease_ttl_s):
+                log.warning("lost the lease of %s to another worker", held.sample_id)
         if cur is not None:
             control_hooks.watch_cancel(self.runner, cur.sample_id)  # fleet cancel: set the sample's stop event
         entry = WorkerEntry(
@@ -62,6 +66,7 @@ class Heartbeat(threading.Thread):
             group=cur.group if cur else None,
             label=cur.label if cur else None,
             progress=cur.progress if cur else None,
+            finishing=finishing.sample_id if finishing else None,
             done=self.runner.done_count,
             failed=self.runner.failed_count,
             seen_at=time.time(),
@@ -82,13 +87,13 @@ class Heartbeat(threading.Thread):
             log.warning("sample %s: its message was lost (Redis restart?); published it again", sid)
         for sid, entry in self._confirmed_orphans():
             task = entry.task
-            queued = records.queued_value(str(task.get("experiment", "?")), str(task.get("group", "?")))
+            queued = kept_payload(entry.queue, json.dumps(task, ensure_ascii=False))  # its mark keeps it whole
             label = task_label(str(task.get("experiment", "")), str(task.get("label", "")), sid,
                                f"orphaned by {entry.worker}")
             target = control_hooks.orphan_target(self.runner, sid, entry.queue, str(task.get("experiment", "")))
             if target is None:
                 continue  # cancelled: dropped, not published again
-            msg = encode_message(json.dumps(task, ensure_ascii=False), entry.queue, label, priority=target[1])
+            msg = encode_message(reference(sid), entry.queue, label, priority=target[1])
             if records.take_orphan(r, keys, sid, queued, target[0], msg):
                 log.warning("sample %s: worker %s died mid-sample; published it again", sid, entry.worker)
         control_hooks.reap(self.runner)  # unpark what is no longer paused; old tombstones
@@ -119,7 +124,7 @@ class Heartbeat(threading.Thread):
                 r.hset(keys.orphan_suspects, sid, now)
                 continue
             w = workers.get(entry.worker)
-            if w is not None and w.seen_at > first[sid] and w.sample_id == sid:
+            if w is not None and w.seen_at > first[sid] and sid in (w.sample_id, w.finishing):
                 r.hdel(keys.orphan_suspects, sid)  # alive: it takes its lease back at its next beat
                 continue
             if now - first[sid] >= 2 * s.heartbeat_s:

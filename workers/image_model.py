@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fleet.kinds.image.spec import ImageModelSpec, ImageParams
+from workers import stage_clock
 from workers.pipeline_loading import DTYPES, check_files, load_quietly, require_parts
 
 
@@ -53,11 +54,6 @@ def load_image_pipeline(spec: ImageModelSpec, dtype: str, device: str) -> Any:
     return pipe
 
 
-def no_progress(iterable: Any) -> Any:
-    """Progress-bar stand-in: the worker reports progress through its heartbeat, not tqdm."""
-    return iterable
-
-
 def generate(pipe: Any, p: ImageParams) -> Any:
     """One PIL image for the sample's parameters.
 
@@ -75,9 +71,10 @@ def generate(pipe: Any, p: ImageParams) -> Any:
 
         pipe.cfg_guided_model_fn = truncated  # this call only: removed below
     try:
-        return pipe(
+        # Stages (inputs, denoise, vae) go to the current StageClock, when the job keeps one.
+        return stage_clock.timed_call(lambda progress: pipe(
             prompt=p.prompt, negative_prompt=p.negative_prompt, cfg_scale=p.cfg_scale, height=p.height,
-            width=p.width, seed=p.seed, num_inference_steps=p.steps, progress_bar_cmd=no_progress,
-        )
+            width=p.width, seed=p.seed, num_inference_steps=p.steps, progress_bar_cmd=progress,
+        ))
     finally:
         pipe.__dict__.pop("cfg_guided_model_fn", None)

@@ -75,7 +75,6 @@ def _apply(client: redis.Redis, keys: Keys, e: dict[str, Any]) -> None:
         records.complete(client, keys, CompletionRecord.model_validate_json(e["record"]))
     elif op == "fail":
         records.fail(client, keys, FailureRecord.model_validate_json(e["failure"]), final=bool(e["final"]))
-        records.release(client, keys, FailureRecord.model_validate_json(e["failure"]).sample_id)
     elif op == "requeue":
         failure = FailureRecord.model_validate_json(e["failure"]) if e.get("failure") else None
         records.requeue(client, keys, e["sample_id"], e["queue"], base64.b64decode(e["message"]), e["queued"],

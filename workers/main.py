@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     @signals.worker_shutdown.connect(weak=False)
     def _shutdown(sender: object = None, **_: object) -> None:
         exitcode[0] = getattr(sender, "exitcode", None)
+        # The pool has stopped; a sample still being finished (its file, then its record) is
+        # waited for while the heartbeat still renews its lease (docs/ARCHITECTURE.md,
+        # "Overlapped finish"). A second Ctrl-C gives it back instead (Stopper.give_back).
+        runner.close()
         beat.shutdown()
 
     app.worker_main(
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             "-l", settings.log_level,
         ]
     )
+    runner.close()  # (when Celery stopped without its shutdown signal)
     if runner.broken:
         log.error("worker %s stopped because it looks broken; exit status %d", node, EXIT_BROKEN)
         return EXIT_BROKEN
@@ -237,37 +242,45 @@ class Stopper:
         os._exit(EXIT_INTERRUPTED)
 
     def give_back(self) -> None:
+        """The running sample, and the one being finished, back to the front of their queues."""
         from celery.worker import state
 
+        delivered = [req.message for req in list(state.active_requests) if getattr(req, "message", None) is not None]
+        cur, finishing = self.runner.current, self.runner.finishing
+        if cur is not None:
+            self._give_back_sample(cur, delivered[0].delivery_tag if len(delivered) == 1 else None)
+        else:
+            for message in delivered:  # delivered, not claimed yet (or finished, not acked): kombu puts it back
+                message.channel.qos.restore_by_tag(message.delivery_tag)
+                log.warning("message %s is back at the front of its queue", message.delivery_tag)
+        if finishing is not None:
+            # Its message was acked when its GPU part ended; its file is not in place (or is,
+            # without a record): it is made again, and the atomic writer clears a half-written file.
+            self._give_back_sample(finishing, None)
+
+    def _give_back_sample(self, cur, tag: str | None) -> None:  # (workers.runner.Current, kombu delivery tag)
         from fleet import records
         from fleet.contract import RunningEntry
+        from fleet.kept_payloads import kept_payload, reference
         from fleet.publisher import encode_message
         from workers import control_hooks
 
         r, keys = self.runner.client, self.runner.keys
-        cur = self.runner.current
-        delivered = [req.message for req in list(state.active_requests) if getattr(req, "message", None) is not None]
-        if cur is not None:
-            raw = r.hget(keys.running, cur.sample_id)
-            entry = RunningEntry.model_validate_json(raw) if raw else None
-            if entry is not None and entry.token == cur.token:
-                task = entry.task
-                lst, step = control_hooks.republish_list(self.runner, entry.queue, str(task.get("experiment", "")))
-                msg = encode_message(json.dumps(task, ensure_ascii=False), entry.queue,
-                                     task_label(str(task.get("experiment", "")), str(task.get("label", "")),
-                                                cur.sample_id, f"given back by {self.runner.worker}"),
-                                     priority=step)
-                queued = records.queued_value(str(task.get("experiment", "?")), str(task.get("group", "?")))
-                tag = delivered[0].delivery_tag if len(delivered) == 1 else None
-                if records.give_back(r, keys, cur.sample_id, cur.token, queued, lst, msg, tag):
-                    log.warning("sample %s is back at the front of %s (attempt %s)", cur.sample_id, entry.queue,
-                                task.get("attempt", "?"))
-                    return
-            log.warning("sample %s is no longer this worker's; nothing to give back", cur.sample_id)
-            return
-        for message in delivered:  # delivered, not claimed yet (or finished, not acked): kombu puts it back
-            message.channel.qos.restore_by_tag(message.delivery_tag)
-            log.warning("message %s is back at the front of its queue", message.delivery_tag)
+        raw = r.hget(keys.running, cur.sample_id)
+        entry = RunningEntry.model_validate_json(raw) if raw else None
+        if entry is not None and entry.token == cur.token:
+            task = entry.task
+            lst, step = control_hooks.republish_list(self.runner, entry.queue, str(task.get("experiment", "")))
+            msg = encode_message(reference(cur.sample_id), entry.queue,
+                                 task_label(str(task.get("experiment", "")), str(task.get("label", "")),
+                                            cur.sample_id, f"given back by {self.runner.worker}"),
+                                 priority=step)
+            queued = kept_payload(entry.queue, json.dumps(task, ensure_ascii=False))  # its mark keeps it whole
+            if records.give_back(r, keys, cur.sample_id, cur.token, queued, lst, msg, tag):
+                log.warning("sample %s is back at the front of %s (attempt %s)", cur.sample_id, entry.queue,
+                            task.get("attempt", "?"))
+                return
+        log.warning("sample %s is no longer this worker's; nothing to give back", cur.sample_id)
 
 
 def _ignore(signum: int, frame: object) -> None:

@@ -23,10 +23,11 @@ from fleet.manifest import MANIFEST_NAME, read  # noqa: F401  (the reader is the
 log = logging.getLogger("fleet.worker")
 
 
-def append(output_root: str, record: CompletionRecord, params: dict[str, Any]) -> None:
-    """Append the sample's line; a failure is logged, never raised (the record in Redis stands)."""
-    line = json.dumps({**json.loads(record.model_dump_json(by_alias=True)), "params": params},
-                      ensure_ascii=False, default=str) + "\n"
+def append(output_root: str, record: CompletionRecord | str, params: dict[str, Any]) -> None:
+    """Append the sample's line (``record``: the completion record, or its JSON by alias when
+    the caller has it already); a failure is logged, never raised (the record in Redis stands)."""
+    text = record if isinstance(record, str) else record.model_dump_json(by_alias=True)
+    line = json.dumps({**json.loads(text), "params": params}, ensure_ascii=False, default=str) + "\n"
     path = Path(output_root) / MANIFEST_NAME
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

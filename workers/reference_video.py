@@ -1,15 +1,53 @@
-"""Reference videos as the pipeline's ``input_video``: exactly N RGB frames at W x H."""
+"""Reference videos as the pipeline's ``input_video``: exactly N RGB frames at W x H.
+
+Decoding and resizing a reference video is CPU work on the sample's critical path (the
+GPU waits for it), and every reference video serves several samples (its prompts times
+its seeds, planned next to each other). So a worker keeps the frames of its last
+``KEPT_VIDEOS`` videos, keyed by the file's identity (path, size, mtime, inode) and the
+frames asked for: a changed file is decoded again. The pipeline only reads the images.
+"""
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from PIL import Image
 
 from fleet.errors import InputError
 
+# Videos whose decoded frames a worker keeps: 832x480x81 RGB is about 97 MB each.
+KEPT_VIDEOS = 2
+_kept: OrderedDict[tuple, list[Image.Image]] = OrderedDict()
+_kept_lock = threading.Lock()
+
 
 def load_frames(path: Path, width: int, height: int, frames: int) -> list[Image.Image]:
+    """``decode_frames``, or the frames this process decoded last time for the same file
+    (unchanged) and the same size and count. Raises as ``decode_frames``."""
+    try:
+        st = os.stat(path)
+        key: tuple | None = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, width, height, frames)
+    except OSError:
+        key = None  # decode_frames says what is wrong with it
+    if key is not None:
+        with _kept_lock:
+            found = _kept.get(key)
+            if found is not None:
+                _kept.move_to_end(key)
+                return list(found)
+    decoded = decode_frames(path, width, height, frames)
+    if key is not None and KEPT_VIDEOS > 0:
+        with _kept_lock:
+            _kept[key] = decoded
+            while len(_kept) > KEPT_VIDEOS:
+                _kept.popitem(last=False)
+    return list(decoded)
+
+
+def decode_frames(path: Path, width: int, height: int, frames: int) -> list[Image.Image]:
     """Decode ``path`` into exactly ``frames`` RGB images of ``width`` x ``height`` pixels.
 
     Each frame is resized to the exact size (aspect ratio not kept: the sample's size is

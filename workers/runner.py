@@ -9,6 +9,7 @@ whose lease another live worker holds is skipped, so no sample runs twice at onc
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import signal
@@ -24,19 +25,22 @@ from pathlib import Path
 import redis
 from pydantic import ValidationError
 
-from fleet import records
+from fleet import admission, records
 from fleet.contract import CompletionRecord, FailureRecord, Keys, MetricValue, RunningEntry, TaskPayload, task_label
 from fleet.error_policy import Action, decide
 from fleet.errors import PermanentError, Preempted, WaitForResources
-from fleet.publisher import encode_message, kept_payload
+from fleet.kept_payloads import kept_payload, reference, reference_of
+from fleet.publisher import encode_message
 from fleet.settings import FleetSettings
 from workers import control_hooks, manifest
 from workers.confinement import ForbiddenOutput, confine
+from workers.finisher import Finisher
 from workers.gpu_series_feed import SeriesFeed
 from workers.gpu_telemetry import GpuTelemetry
 from workers.jobs import JobRegistry
-from workers.jobs.base import JobContext
+from workers.jobs.base import JobContext, JobOutcome
 from workers.journal import Journal
+from workers.log_tags import tagged
 from workers.model_cache import ModelCache
 
 log = logging.getLogger("fleet.worker")
@@ -78,6 +82,11 @@ class SampleRunner:
         self.models = ModelCache()
         self.hostname = socket.gethostname()
         self.current: Current | None = None
+        # The sample whose GPU part is done and whose CPU tail (its file, then its record) the
+        # finisher runs while `current` computes; its lease is renewed until its record is
+        # written (docs/ARCHITECTURE.md, "Overlapped finish").
+        self.finishing: Current | None = None
+        self.finisher = Finisher()
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # set when the worker is asked to stop (JobContext.stopping)
         # Distinct samples that failed in a row with errors fleet did not classify: several
@@ -86,6 +95,7 @@ class SampleRunner:
         self.broken = False  # set when it stopped itself as broken (workers.main exits non-zero)
         self.done_count = 0  # samples this process made (its heartbeat entry shows them)
         self.failed_count = 0  # samples this process failed for good
+        self.last_record_s: float | None = None  # seconds its last record took to write (manifest and Redis)
         self.allowed_roots = settings.allowed_output_roots()
         self.journal = Journal(settings.state_dir / "journal" / f"{worker}.jsonl")
         self.host_gpus = _host_gpus()  # for enqueue's "more GPUs than any host has" check
@@ -99,13 +109,14 @@ class SampleRunner:
 
     def run(self, payload: object, queue: str) -> str:
         """Run one delivered payload; returns the outcome (done, failed, retried, skipped-*)."""
+        ref = reference_of(payload)
+        if ref is not None:  # the payload is kept in the sample's queued mark (fleet.kept_payloads)
+            return self._run_reference(ref, queue)
         try:
             task = TaskPayload.model_validate(payload)
         except ValidationError as e:
             sid = str(payload.get("sample_id", "?")) if isinstance(payload, dict) else "?"
-            err = e.errors()[0]
-            msg = f"invalid payload: {'.'.join(map(str, err['loc']))}: {err['msg']}"
-            self._fail_raw(sid, payload, PermanentError(msg))
+            self._fail_raw(sid, payload, PermanentError(_invalid(e)))
             return "failed"
         sid = task.sample_id
         try:
@@ -114,20 +125,49 @@ class SampleRunner:
             log.error("refused %s: %s", sid, e)
             self._fail(task, e, final=True)
             return "failed"
-        if records.is_done(self.client, self.keys, sid, task.output_path):
-            log.info("sample %s already done (%s); skipping duplicate delivery", sid, task.output_path)
-            records.release(self.client, self.keys, sid)
-            return "skipped-done"
-        gated = control_hooks.gate(self, task, queue)  # cancelled: skip; paused: park (fleet.control)
-        if gated is not None:
-            return gated
         token = uuid.uuid4().hex
         entry = RunningEntry(task=task.model_dump(by_alias=True), queue=queue, worker=self.worker, token=token,
                              started_at=time.time())
-        deliveries = records.claim(self.client, self.keys, entry, sid, self.settings.lease_ttl_s)
-        if deliveries is None:
+        # Done check, cancel/pause gate and claim: one script, one round trip (fleet/admission.py).
+        admitted = admission.admit(self.client, self.keys, sid, task.experiment, task.output_path, token,
+                                   self.settings.lease_ttl_s, entry.model_dump_json())
+        return self._run_admitted(task, queue, token, admitted)
+
+    def _run_reference(self, sid: str, queue: str) -> str:
+        """Run a message that refers to its sample's queued mark: the admission script expands
+        the mark and claims the sample in one round trip; then the payload is checked as any."""
+        token = uuid.uuid4().hex
+        end = RunningEntry(task={}, queue=queue, worker=self.worker, token=token, started_at=time.time())
+        admitted = admission.admit_reference(self.client, self.keys, sid, token, self.settings.lease_ttl_s,
+                                             end.model_dump_json()[len('{"task":{}'):])
+        if admitted.state in ("done", "running", "cancelled", "gone"):
+            log.info("sample %s %s; skipping it", sid, _SKIPPED[admitted.state])
+            return f"skipped-{admitted.state}"
+        try:  # a claimed sample that fails here leaves no running entry (records.fail)
+            task = TaskPayload.model_validate_json(admitted.payload or "")
+        except ValidationError as e:
+            self._fail_raw(sid, _loose(admitted.payload), PermanentError(admitted.why or _invalid(e)))
+            return "failed"
+        try:
+            confine(task.output_root, task.output_path, self.allowed_roots)
+        except ForbiddenOutput as e:
+            log.error("refused %s: %s", sid, e)
+            self._fail(task, e, final=True)
+            return "failed"
+        return self._run_admitted(task, queue, token, admitted)
+
+    def _run_admitted(self, task: TaskPayload, queue: str, token: str, admitted: admission.Admission) -> str:
+        """Act on the admission script's decision; a claimed sample runs."""
+        sid = task.sample_id
+        if admitted.state == "done":
+            log.info("sample %s already done (%s); skipping duplicate delivery", sid, task.output_path)
+            return "skipped-done"
+        if admitted.state in ("cancelled", "paused"):
+            return control_hooks.gated(self, task, queue, admitted.state)  # skip, or park (fleet.control)
+        if admitted.state == "running":
             log.info("sample %s is running on another worker; skipping duplicate delivery", sid)
             return "skipped-running"
+        deliveries = admitted.deliveries
         with self.lock:
             self.current = Current(sid, token, task.group, task.label)
         try:
@@ -157,6 +197,7 @@ class SampleRunner:
             work_dir=Path(task.output_root) / WORK_DIR_NAME / task.sample_id,
             stopping=control_hooks.sample_stop(self, task.sample_id), attempt=task.attempt, on_report=on_report,
             threads=self.settings.torch_threads, stop_grace_s=self.settings.command_grace_s,
+            defer_finish=self.settings.finish_in_background, text_cache_entries=self.settings.text_cache_entries,
         )
 
     def _execute(self, task: TaskPayload, queue: str, deliveries: int) -> str:
@@ -170,13 +211,70 @@ class SampleRunner:
             self._note_telemetry()
             return self._on_error(task, queue, e)
         self._note_telemetry()
+        if outcome.finish is None:
+            return self._complete(task, queue, deliveries, t0, outcome)
+        if not self.settings.finish_in_background:
+            return self._finish(task, queue, deliveries, t0, outcome)
+        # The previous sample's file and record first: at most one pending finish.
+        t_wait = time.monotonic()
+        self.finisher.wait()
         with self.lock:
-            reported = dict(self.current.metrics) if self.current is not None else {}
+            cur = self.current
+            if cur is not None:
+                cur.metrics["stage_wait_s"] = round(time.monotonic() - t_wait, 4)
+                # What of its duration held the GPU (GPU-hours and energy in reports); the tail holds none.
+                cur.metrics["gpu_held_s"] = round(time.monotonic() - t0, 4)
+            # Moved in one step under the lock: the heartbeat renews the lease all along.
+            self.finishing, self.current = cur, None
+        self.finisher.start(task.sample_id, lambda: self._finish(task, queue, deliveries, t0, outcome))
+        # The Celery task returns now and its message is acked: prefetch 1 then hands this worker
+        # its next sample. Until the record below is written, the running entry and the lease
+        # (renewed as `finishing`) keep this sample: a worker killed now leaves an orphan the
+        # reaper publishes again, as one killed mid-sample does.
+        return "finishing"
+
+    def _finish(self, task: TaskPayload, queue: str, deliveries: int, t0: float, outcome: JobOutcome) -> str:
+        """Run the job's deferred CPU tail (``outcome.finish``), then record the sample: done
+        once its file is in place, or this sample's own failure if the tail raises."""
+        try:
+            with tagged(task.sample_id):  # in the finisher thread too: `fleet logs SAMPLE_ID` finds its lines
+                with self.lock:  # the GPU part's figures go into a failure record too
+                    slot = self._slot(task.sample_id)
+                    if slot is not None:
+                        slot.metrics.update(outcome.metrics)
+                try:
+                    extra = outcome.finish() if outcome.finish is not None else {}
+                except Exception as e:
+                    return self._on_error(task, queue, e)
+                with self.lock:
+                    if slot is not None:
+                        slot.metrics.update(extra)
+                return self._complete(task, queue, deliveries, t0, outcome)
+        finally:
+            with self.lock:
+                if self.finishing is not None and self.finishing.sample_id == task.sample_id:
+                    self.finishing = None
+
+    def _slot(self, sample_id: str) -> Current | None:
+        """The running or finishing sample ``sample_id`` (call with ``self.lock`` held)."""
+        for cur in (self.current, self.finishing):
+            if cur is not None and cur.sample_id == sample_id:
+                return cur
+        return None
+
+    def _complete(self, task: TaskPayload, queue: str, deliveries: int, t0: float, outcome: JobOutcome) -> str:
+        """Write the record of a sample whose output is in place (a missing one fails it)."""
+        with self.lock:
+            slot = self._slot(task.sample_id)
+            reported = dict(slot.metrics) if slot is not None else {}
         try:
             st = os.stat(outcome.output_path)
         except OSError as e:
             return self._on_error(task, queue, RuntimeError(f"the job reported {outcome.output_path} but it is not "
                                                             f"there: {e.strerror or e}"))
+        if self.last_record_s is not None:
+            # A record cannot time its own writing: it carries this worker's previous one's.
+            reported["stage_record_prev_s"] = round(self.last_record_s, 4)
         record = CompletionRecord(
             sample_id=task.sample_id,
             experiment=task.experiment,
@@ -196,21 +294,32 @@ class SampleRunner:
             metrics={**reported, **outcome.metrics},
             finished_at=time.time(),
         )
-        self.suspect_streak.clear()
-        self.done_count += 1
+        t_record = time.monotonic()
+        with self.lock:
+            self.suspect_streak.clear()
+            self.done_count += 1
         # The manifest line goes first: a worker killed between the two writes leaves a line
         # whose sample runs again (readers keep the last line per id), never a done sample
         # without a line.
-        manifest.append(task.output_root, record, task.body)  # the record, outliving Redis
+        record_json = record.model_dump_json(by_alias=True)  # once, for the manifest, Redis and the journal
+        manifest.append(task.output_root, record_json, task.body)  # the record, outliving Redis
         # The output is in place: a Redis outage must not make the worker forget it made it.
-        self._persist(lambda: records.complete(self.client, self.keys, record), f"the record of {task.sample_id}",
-                      "complete", record=record.model_dump_json(by_alias=True))
+        self._persist(lambda: records.complete(self.client, self.keys, record, record_json),
+                      f"the record of {task.sample_id}", "complete", record=record_json)
+        self.last_record_s = time.monotonic() - t_record
         log.info(
             "done %s in %.2fs (model %s) -> %s",
             task.sample_id, record.duration_s,
             f"loaded in {record.model_load_s:.2f}s" if record.model_loaded else "resident", record.output_path,
         )
         return "done"
+
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Wait for the pending finish (its file and record), if any: a stopping worker calls
+        this before its heartbeat stops renewing that sample's lease. False on timeout."""
+        if self.finisher.pending:
+            log.info("waiting for the sample being finished before stopping")
+        return self.finisher.wait(timeout_s)
 
     def _note_telemetry(self) -> None:
         """The GPU figures of the sample that just ran, into what its record keeps (GPU workers only)."""
@@ -259,9 +368,10 @@ class SampleRunner:
             # Unexpected errors of several different samples in a row mean the worker, not the
             # samples, is broken: it stops taking work rather than failing the whole queue. The
             # same sample failing again (a retry that came back here) is one sample.
-            if task.sample_id not in self.suspect_streak:
-                self.suspect_streak.append(task.sample_id)
-            n = len(self.suspect_streak)
+            with self.lock:  # the finisher's thread reports its sample's errors too
+                if task.sample_id not in self.suspect_streak:
+                    self.suspect_streak.append(task.sample_id)
+                n = len(self.suspect_streak)
             if n >= self.settings.max_consecutive_errors and not self.broken:
                 self.on_broken(f"{n} samples in a row failed with unexpected errors, "
                                f"the last {type(e).__name__}: {e}")
@@ -271,9 +381,11 @@ class SampleRunner:
             preempted = isinstance(e, Preempted)
             failure = None if preempted else self._failure(task, verdict.error, retrying=True)
             lst, step = control_hooks.republish_list(self, target, task.experiment)  # its priority's list
-            msg = encode_message(nxt.to_json(), target, task_label(task.experiment, task.label, task.sample_id, f"attempt {nxt.attempt}"), priority=step)
-            queued = records.queued_value(task.experiment, task.group)
-            kept = kept_payload(target, nxt.to_json())
+            # The next attempt's payload is kept whole in its queued mark; its message refers to it.
+            msg = encode_message(reference(task.sample_id), target, task_label(task.experiment, task.label,
+                                 task.sample_id, f"attempt {nxt.attempt}"), priority=step)
+            queued = kept_payload(target, nxt.to_json())
+            kept = ""  # no kept payload of the earlier layout
             waiting = isinstance(e, WaitForResources)
             if waiting:
                 failure = None  # not a failure: it did not start
@@ -297,7 +409,8 @@ class SampleRunner:
     def _failure(self, task: TaskPayload, e: BaseException, retrying: bool = False) -> FailureRecord:
         """``retrying``: another attempt has been published (the record's ``retryable``)."""
         with self.lock:
-            reported = dict(self.current.metrics) if self.current is not None else {}
+            slot = self._slot(task.sample_id)  # running, or finishing in the finisher's thread
+            reported = dict(slot.metrics) if slot is not None else {}
         return self._failure_record(task.sample_id, task.experiment, task.kind, task.group, task.label, e,
                                     task.attempt, retrying, reported)
 
@@ -319,11 +432,11 @@ class SampleRunner:
     def _record_failure(self, failure: FailureRecord, final: bool) -> None:
         sid = failure.sample_id
         if final:
-            self.failed_count += 1
+            with self.lock:
+                self.failed_count += 1
 
         def write() -> None:
-            records.fail(self.client, self.keys, failure, final=final)
-            records.release(self.client, self.keys, sid)
+            records.fail(self.client, self.keys, failure, final=final)  # the queued mark too: one round trip
 
         self._persist(write, f"the failure of {sid}", "fail", failure=failure.model_dump_json(by_alias=True),
                       final=final)
@@ -334,6 +447,23 @@ class SampleRunner:
         failure = self._failure_record(sid, str(d.get("experiment", "?")), str(d.get("kind", "?")),
                                        str(d.get("group", "?")), str(d.get("label", "")), e, 1, False)
         self._record_failure(failure, final=True)
+
+
+_SKIPPED = {"done": "is already done", "running": "is running on another worker", "cancelled": "was cancelled",
+            "gone": "has no kept payload (finished, failed for good, or a copy of a message already taken)"}
+
+
+def _invalid(e: ValidationError) -> str:
+    err = e.errors()[0]
+    return f"invalid payload: {'.'.join(map(str, err['loc']))}: {err['msg']}"
+
+
+def _loose(payload_json: str | None) -> object:
+    """A payload that did not validate, as far as it parses (its failure record names what it can)."""
+    try:
+        return json.loads(payload_json or "")
+    except ValueError:
+        return {}
 
 
 def _host_gpus() -> int | None:

@@ -35,11 +35,14 @@ def bind_runner(runner: SampleRunner) -> None:
 def run_sample(self, payload: dict) -> str:
     """One sample of any kind. The runner records every outcome itself; a sample that failed
     for good then raises SampleFailed ("<error type>: <message>") for Celery's events. A
-    retried or given-back sample ends as a success: its next attempt is its own task."""
+    retried or given-back sample ends as a success: its next attempt is its own task. So does
+    one whose output is still being written in the background ("finishing"): returning lets
+    Celery ack it and hand over the next sample, while fleet's lease keeps this one until its
+    record (docs/ARCHITECTURE.md, "Overlapped finish")."""
     if _runner is None:  # a misstarted process must not ack work it cannot do
         raise RuntimeError("worker started without a runner; use `fleet worker`")
     queue = (self.request.delivery_info or {}).get("routing_key") or ""
-    sid = payload.get("sample_id") if isinstance(payload, dict) else None
+    sid = _sample_id(payload)
     with tagged(str(sid) if sid is not None else None):  # its log lines name it (`fleet logs SAMPLE_ID`)
         outcome = _runner.run(payload, queue)
     if outcome == "failed":
@@ -50,7 +53,7 @@ def run_sample(self, payload: dict) -> str:
 def _why_failed(runner: SampleRunner, payload: object) -> str:
     """``<error type>: <message>`` from the sample's failure record (the runner wrote it
     under the id the payload gives, ``?`` for none)."""
-    sid = str(payload.get("sample_id", "?")) if isinstance(payload, dict) else "?"
+    sid = _sample_id(payload) or "?"
     try:
         raw = runner.client.hget(runner.keys.failed, sid)
         if raw is not None:
@@ -59,3 +62,11 @@ def _why_failed(runner: SampleRunner, payload: object) -> str:
     except Exception as e:  # Redis away (the record went to the journal) or an unreadable record
         log.debug("cannot read the failure record of %s: %s", sid, e)
     return f"sample {sid} failed; see `fleet status --failed` and the worker's log"
+
+
+def _sample_id(payload: object) -> str | None:
+    """The sample a payload is for: its ``sample_id``, or the id a reference names (fleet.kept_payloads)."""
+    if not isinstance(payload, dict):
+        return None
+    sid = payload.get("sample_id", payload.get("ref"))
+    return None if sid is None else str(sid)

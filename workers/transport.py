@@ -7,8 +7,10 @@ with a header of the wrong type (``timelimit: 5``). Anyone who can write to the 
 can put such a message in a queue: another program, a typo in redis-cli, a producer of
 another version. So the worker checks each message it pops before Celery sees it,
 against what ``fleet.publisher.encode_message`` (and Celery's own ``send_task``) writes:
-a kombu envelope of JSON content, base64 body, a call of ``fleet.sample`` with one
-argument and nothing chained to it. Anything else is pushed onto ``<ns>:dead_letters``
+a kombu envelope of JSON content, a body of JSON text (base64, as ``send_task`` writes it,
+or the text itself, as ``encode_message`` does), a call of ``fleet.sample`` with one
+argument and nothing chained to it; an argument that names a reference (``ref``) is exactly
+``{"ref": "<sample id>"}`` (fleet.kept_payloads). Anything else is pushed onto ``<ns>:dead_letters``
 (the bytes popped; re-serialised when they were JSON) with the reason and the time,
 logged, and never decoded further:
 no pickle is ever loaded and no other task runs. Whether the one argument is a valid
@@ -33,6 +35,8 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 
 from fleet.contract import TASK_SAMPLE
+from fleet.kept_payloads import REF, reference_of
+from fleet.publisher import message_body
 
 log = logging.getLogger("fleet.worker")
 
@@ -79,7 +83,7 @@ def why_not_a_message(envelope: Any) -> str | None:
     if not isinstance(props.get("delivery_tag"), str):
         return "no delivery tag"
     if props.get("body_encoding") not in ("base64", None) or not isinstance(envelope.get("body"), (str, type(None))):
-        return "body not base64 text"
+        return "body not base64 or JSON text"
     return None
 
 
@@ -93,7 +97,7 @@ def why_not_a_task(envelope: Any) -> str | None:
     if not isinstance(headers, dict):
         return "not a Celery message: no headers"
     ctype, cenc = envelope.get("content-type"), envelope.get("content-encoding")
-    if ctype != "application/json" or cenc != "utf-8":
+    if ctype != "application/json" or cenc not in ("utf-8", None):  # none: kombu reads UTF-8
         return f"content type {ctype!r} ({cenc!r}): fleet takes JSON only"
     if "task" not in headers:
         return "not a Celery protocol 2 message: no task header"
@@ -116,10 +120,10 @@ def why_not_a_task(envelope: Any) -> str | None:
     if tl is not None and not (isinstance(tl, list) and len(tl) == 2
                                and all(x is None or (isinstance(x, Real) and not isinstance(x, bool)) for x in tl)):
         return "header timelimit: not [soft, hard]"
-    if props.get("body_encoding") != "base64" or not isinstance(envelope.get("body"), str):
-        return "body not base64 text"
+    if props.get("body_encoding") not in ("base64", None) or not isinstance(envelope.get("body"), str):
+        return "body not base64 or JSON text"
     try:
-        body = json.loads(base64.b64decode(envelope["body"], validate=True).decode("utf-8"))
+        body = message_body(envelope)
     except (binascii.Error, UnicodeDecodeError, ValueError) as e:
         return f"body does not decode ({type(e).__name__})"
     if not (isinstance(body, list) and len(body) == 3 and isinstance(body[0], list) and isinstance(body[1], dict)
@@ -130,6 +134,8 @@ def why_not_a_task(envelope: Any) -> str | None:
         return f"{TASK_SAMPLE} takes one argument, not {len(args)} and {len(kwargs)} keyword(s)"
     if any(embed.get(k) for k in ("callbacks", "errbacks", "chain", "chord")):
         return "tasks chained to the sample (callbacks, errbacks, chain or chord): fleet chains nothing"
+    if isinstance(args[0], dict) and REF in args[0] and reference_of(args[0]) is None:
+        return 'a reference is {"ref": "<sample id>"} and nothing else'
     return None
 
 

@@ -68,14 +68,15 @@ def plan_ids(f: Fleet, exp: Path) -> dict[str, str]:
 
 
 def waiting(f: Fleet) -> list[control.Message]:
-    """Every message in the namespace's queue lists (all priorities)."""
-    return [m for lst in control.queue_lists(f.client, f.keys) for raw in f.client.lrange(lst, 0, -1)
-            if (m := control.decode(raw)) is not None]
+    """Every message in the namespace's queue lists (all priorities); a reference's experiment
+    and group are its queued mark's."""
+    return [m for lst in control.queue_lists(f.client, f.keys)
+            for m in control.decode_all(f.client, f.keys, f.client.lrange(lst, 0, -1)) if m is not None]
 
 
 def parked(f: Fleet) -> list[control.Message]:
-    return [m for lst in control.parked_lists(f.client, f.keys) for raw in f.client.lrange(lst, 0, -1)
-            if (m := control.decode(raw)) is not None]
+    return [m for lst in control.parked_lists(f.client, f.keys)
+            for m in control.decode_all(f.client, f.keys, f.client.lrange(lst, 0, -1)) if m is not None]
 
 
 def in_flight(f: Fleet) -> int:
@@ -235,14 +236,14 @@ def a_task(f: Fleet, experiment: str = "e", sid: str = "s" * 32, **over: object)
 
 
 def publish_one(f: Fleet, task: dict, queue: str, step: int) -> None:
-    """What enqueue leaves for one sample: queued mark, kept payload, message in its priority list."""
-    from fleet.publisher import kept_payload
+    """What enqueue leaves for one sample: its queued mark keeping its payload (here whole), and a
+    message referring to it in its priority list."""
+    from fleet.kept_payloads import kept_payload, reference
 
-    payload = json.dumps(task)
-    f.client.hset(f.keys.queued, task["sample_id"], records.queued_value(task["experiment"], task["group"]))
-    f.client.hset(f.keys.payloads, task["sample_id"], kept_payload(queue, payload))
+    f.client.hset(f.keys.queued, task["sample_id"], kept_payload(queue, json.dumps(task)))
     f.client.hset(control.ControlKeys(f.namespace).priorities, task["experiment"], step)
-    f.client.lpush(priority_list(queue, step), encode_message(payload, queue, task["label"], priority=step))
+    f.client.lpush(priority_list(queue, step),
+                   encode_message(reference(task["sample_id"]), queue, task["label"], priority=step))
 
 
 def test_a_cancelled_sample_that_fails_is_not_retried(fleet_ns: Fleet, runner_for) -> None:
@@ -358,7 +359,7 @@ def test_retry_republishes_exactly_the_failed_samples_at_the_front(fleet_ns: Fle
     assert res == {"experiment": "flaky", "retried": 2, "failed": 2, "not_planned": 0}
     queued = [m for m in waiting(f) if m.experiment == "flaky"]
     assert sorted(m.sample_id for m in queued) == sorted([rid["r2"], rid["r4"]])
-    assert {k.decode() for k in f.client.hkeys(f.keys.payloads)} >= {rid["r2"], rid["r4"]}
+    assert {k.decode() for k in f.client.hkeys(f.keys.queued)} >= {rid["r2"], rid["r4"]}  # marks keep payloads
     assert run(f, "retry", str(r))["retried"] == 0  # queued now: not published twice
     assert f.fleet("retry", "flaky", **KIND_ENV).returncode == 1  # retry re-plans: it needs the file
 

@@ -48,9 +48,11 @@ def enqueue(f: Fleet | LocalFleet, exp: Path, **env: str) -> dict:
     return json.loads(f.fleet("enqueue", str(exp), "--json", check=True, **{**TOUCH, **env}).stdout)
 
 
-def sample_of(raw: bytes) -> dict:
-    """The payload inside a message as fleet.publisher writes it."""
-    return json.loads(base64.b64decode(json.loads(raw)["body"]))[0][0]
+def sample_of(f: Fleet, raw: bytes) -> dict:
+    """The payload of a message as fleet.publisher writes it (its own, or the queued mark's it refers to)."""
+    from fleet.kept_payloads import message_payload
+
+    return message_payload(f.client, f.keys, raw)
 
 
 def envelope(queue: str, change=None, **top: object) -> bytes:
@@ -91,9 +93,9 @@ def test_messages_that_are_not_fleet_tasks_are_set_aside_and_the_worker_goes_on(
                                                "content-encoding": "binary"}),
         "unknown task": envelope(q, lambda e: e["headers"].update(task="celery.backend_cleanup")),
         "timelimit": envelope(q, lambda e: e["headers"].update(timelimit=5)),  # raised out of Celery's loop
-        "chained": envelope(q, body=base64.b64encode(json.dumps(
+        "chained": envelope(q, body=json.dumps(
             [[{}], {}, {"callbacks": [{"task": "celery.backend_cleanup"}], "errbacks": None, "chain": None,
-                         "chord": None}]).encode()).decode()),
+                         "chord": None}])),
     }
     p = f.start_worker(**TOUCH)
     for raw in junk.values():
@@ -167,7 +169,7 @@ def test_a_second_ctrl_c_gives_the_running_sample_back_at_once(fleet_ns: Fleet, 
 
     # Back at the front of its list (RPUSH: the right end), the same attempt, its start not counted.
     lst = priority_list(queue_name(f.namespace, "gpu"), NORMAL_STEP)
-    front = sample_of(f.client.lindex(lst, -1))
+    front = sample_of(f, f.client.lindex(lst, -1))
     assert (front["sample_id"], front["attempt"]) == (sid, 1)
     assert f.client.llen(lst) == 2
     assert f.client.hlen(f.keys.running) == 0 and not f.client.exists(f.keys.lease(sid))

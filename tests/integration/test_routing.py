@@ -22,14 +22,11 @@ pytestmark = pytest.mark.integration
 
 
 def queue_ids(f: Fleet, need: str) -> list[dict]:
-    """The payloads waiting in one queue (decoded from the kombu envelope)."""
-    import base64
+    """The payloads waiting in one queue (a message's own, or the queued mark's it refers to)."""
+    from fleet.kept_payloads import message_payload
 
-    out = []
-    for raw in [m for lst in queue_lists(queue_name(f.namespace, need)) for m in f.client.lrange(lst, 0, -1)]:
-        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
-        out.append(body[0][0])
-    return out
+    raws = [m for lst in queue_lists(queue_name(f.namespace, need)) for m in f.client.lrange(lst, 0, -1)]
+    return [message_payload(f.client, f.keys, raw) for raw in raws]
 
 
 def test_pinned_categories_and_memory_classes_route_to_their_queues(fleet_ns: Fleet, video_experiment) -> None:

@@ -139,3 +139,32 @@ def test_one_resident_model_across_kinds(spec: ImageModelSpec, tiny_model_dir: P
     out = run(make_task(spec, tmp_path / "i2.png"), cache)
     assert out.model_loaded and cache.resident[0] == "image"
     assert (tmp_path / "i2.png").read_bytes() == (tmp_path / "i.png").read_bytes()
+
+
+def test_overlapped_finish_gives_the_sequential_files(spec: ImageModelSpec, cache: ModelCache, tmp_path: Path) -> None:
+    """Each PNG is encoded and written in a thread while the next image computes (as the
+    runner's finisher does it), with the text cache on: the same bytes as the sequential,
+    uncached path; the stages are in the metrics."""
+    rows = [("a cat", 42), ("a cat", 43), ("a dog", 44)]
+    ctx = JobContext(gpus=(), device="cpu", models=cache, work_dir=tmp_path / ".w", stopping=threading.Event(),
+                     defer_finish=True, text_cache_entries=8)
+    pending: threading.Thread | None = None
+    outcomes = []
+    for i, (prompt, seed) in enumerate(rows):
+        out = image_job.run(make_task(spec, tmp_path / "overlap" / f"{i}.png", prompt=prompt, seed=seed), ctx)
+        assert out.finish is not None and not Path(out.output_path).exists()
+        if pending is not None:
+            pending.join()
+        extra: dict = {}
+        pending = threading.Thread(target=lambda o=out, e=extra: e.update(o.finish()))
+        pending.start()
+        outcomes.append((out, extra))
+    assert pending is not None
+    pending.join()
+    for i, (prompt, seed) in enumerate(rows):
+        run(make_task(spec, tmp_path / "seq" / f"{i}.png", prompt=prompt, seed=seed), cache)
+        assert (tmp_path / "overlap" / f"{i}.png").read_bytes() == (tmp_path / "seq" / f"{i}.png").read_bytes(), i
+    counts = [(o.metrics.get("text_encodes_count", 0), o.metrics.get("text_cache_hits_count", 0)) for o, _ in outcomes]
+    assert counts == [(2, 0), (0, 2), (1, 1)]
+    stages = {f"stage_{s}_s" for s in ("text", "inputs", "denoise", "vae", "encode", "write")}
+    assert all(stages <= set(o.metrics) | set(e) for o, e in outcomes)

@@ -20,6 +20,7 @@ from fleet.report import (
     failure_types,
     percentile,
     sample_energy_j,
+    sample_gpu_s,
     throughput,
     worker_figures,
 )
@@ -47,6 +48,15 @@ def fail(sid: str, group: str = "g", error_type: str = "InputError", message: st
     return FailureRecord(sample_id=sid, experiment="e", kind="image", group=group, label=f"failed {sid}",
                          error_type=error_type, message=message, traceback_tail="", retryable=False, attempt=1,
                          worker="gpu0@h", hostname="h", gpus=[0], failed_at=T0)
+
+
+def test_a_sample_finished_in_the_background_counts_its_gpu_held_time() -> None:
+    # Its duration runs to its record; its encoding overlapped the next sample's GPU time.
+    r = rec("a", duration_s=10.0, power_w=100.0, gpus=[0, 1])
+    r.metrics["gpu_held_s"] = 6.0
+    assert (sample_gpu_s(r), sample_energy_j(r)) == (12.0, 1200.0)
+    r.metrics["gpu_held_s"] = True  # not a number: the duration counts
+    assert sample_gpu_s(r) == 20.0
 
 
 def test_percentiles_interpolate_between_ranks_like_numpy() -> None:

@@ -199,3 +199,68 @@ def test_a_temp_file_left_by_a_killed_write_is_removed(spec: ModelSpec, cache: M
     other.write_bytes(b"not ours")
     run_video_sample(make_task(spec, out), cache, "cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, other.name])
+
+
+# ---- overlapped finish, text cache, stages -------------------------------------------------
+STAGES = {f"stage_{s}_s" for s in ("text", "inputs", "denoise", "vae", "convert", "encode", "write")}
+
+
+def test_overlapped_finish_gives_the_sequential_files(spec: ModelSpec, cache: ModelCache, tmp_path: Path) -> None:
+    """Each sample's finish (mp4 encoding, atomic write) runs in a thread while the next sample
+    computes, as the runner's finisher runs it, with the text cache on; the files are the
+    sequential, uncached path's, byte for byte."""
+    samples = [("a red balloon", 42), ("a red balloon", 142), ("一只猫", 42)]
+    progress: list[float] = []
+    ctx = JobContext(gpus=(), device="cpu", models=cache, work_dir=tmp_path / ".w", stopping=threading.Event(),
+                     defer_finish=True, text_cache_entries=8, on_report=lambda p, m: progress.append(p))
+    pending: threading.Thread | None = None
+    outcomes = []
+    for i, (prompt, seed) in enumerate(samples):
+        out = video_job.run(make_task(spec, tmp_path / "overlap" / f"{i}.mp4", prompt=prompt, seed=seed), ctx)
+        assert out.finish is not None and not Path(out.output_path).exists()
+        if pending is not None:
+            pending.join()
+        extra: dict = {}
+        pending = threading.Thread(target=lambda o=out, e=extra: e.update(o.finish()))
+        pending.start()  # encodes while the next sample computes
+        outcomes.append((out, extra))
+    assert pending is not None
+    pending.join()
+    for i, (prompt, seed) in enumerate(samples):
+        run_video_sample(make_task(spec, tmp_path / "seq" / f"{i}.mp4", prompt=prompt, seed=seed), cache, "cpu")
+        assert (tmp_path / "overlap" / f"{i}.mp4").read_bytes() == (tmp_path / "seq" / f"{i}.mp4").read_bytes(), i
+    counts = [(o.metrics.get("text_encodes_count", 0), o.metrics.get("text_cache_hits_count", 0)) for o, _ in outcomes]
+    assert counts == [(2, 0), (0, 2), (1, 1)]  # prompt and negative prompt; both cached; a new prompt
+    for out, extra in outcomes:
+        assert STAGES <= set(out.metrics) | set(extra) and all(v >= 0 for k, v in out.metrics.items() if "stage" in k)
+    assert progress[-1] == 1.0 and progress.count(1.0) == len(samples)  # every denoising step reported
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_frames_from_vae_are_diffsynths_frames(spec: ModelSpec, cache: ModelCache, dtype: str) -> None:
+    pipe, _, _ = load(cache, spec, "cpu")
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(1, 3, 5, 16, 24, generator=g) * 1.3).to(getattr(torch, dtype))  # some values beyond [-1, 1]
+    theirs = np.stack([np.asarray(im) for im in pipe.vae_output_to_video(x)])
+    ours = video_job.frames_from_vae(x)
+    assert ours.dtype == np.uint8 and ours.flags["C_CONTIGUOUS"] and np.array_equal(ours, theirs)
+
+
+def test_reference_frames_are_decoded_once_per_file_version(tmp_path: Path, make_video,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections import OrderedDict
+
+    from workers import reference_video
+
+    decoded: list[tuple] = []
+    real = reference_video.decode_frames
+    monkeypatch.setattr(reference_video, "decode_frames", lambda *a: decoded.append(a) or real(*a))
+    monkeypatch.setattr(reference_video, "_kept", OrderedDict())
+    ref = make_video(tmp_path / "ref.mp4", 5, 80, 48)
+    a, b = load_frames(ref, 96, 64, 9), load_frames(ref, 96, 64, 9)
+    assert len(decoded) == 1 and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    load_frames(ref, 64, 64, 9)  # another size: decoded for it
+    assert len(decoded) == 2
+    make_video(ref, 6, 80, 48, seed=7)  # the file changes: decoded again
+    c = load_frames(ref, 96, 64, 9)
+    assert len(decoded) == 3 and not np.array_equal(np.asarray(c[0]), np.asarray(a[0]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -23,12 +23,20 @@ from workers.model_cache import ModelCache
 
 @dataclass
 class JobOutcome:
-    """What a finished sample reports for its completion record."""
+    """What a finished sample reports for its completion record.
 
-    output_path: str  # the output, in place (written atomically)
+    ``finish``: the sample's CPU tail (encoding and writing its output), left to the runner
+    when the context asked for it (``JobContext.defer_finish``). It runs in the worker's
+    finisher thread while the next sample computes (docs/ARCHITECTURE.md, "Overlapped
+    finish"), must put ``output_path`` in place atomically, touches no GPU, and returns
+    metrics for the record; raising fails this sample, whatever runs by then.
+    """
+
+    output_path: str  # the output, in place (written atomically) once ``finish`` (if any) has run
     metrics: dict[str, MetricValue] = field(default_factory=dict)  # units in the names: "frames", "denoise_s"
     model_loaded: bool = False  # whether this sample paid for loading its model
     model_load_s: float = 0.0  # seconds spent loading it (0.0 when resident)
+    finish: Callable[[], dict[str, MetricValue]] | None = None
 
 
 @dataclass
@@ -43,7 +51,10 @@ class JobContext:
     raises fleet.errors.Preempted); ``attempt``: this attempt's number (1 = first);
     ``threads``: CPU threads its torch may use (a job that imports torch pins them with
     ``pin_torch_threads``, so a worker of other kinds never imports torch); ``stop_grace_s``:
-    seconds a stopped job's subprocesses get between SIGTERM and SIGKILL.
+    seconds a stopped job's subprocesses get between SIGTERM and SIGKILL; ``defer_finish``:
+    the caller (the runner) runs a returned ``JobOutcome.finish`` itself, in the background;
+    otherwise ``finish_now`` runs it before the job returns; ``text_cache_entries``: how many
+    text embeddings a diffusion job keeps per worker (workers/text_embedding_cache.py; 0: none).
     """
 
     gpus: tuple[int, ...]
@@ -55,6 +66,8 @@ class JobContext:
     threads: int = 1  # CPU threads a job's torch may use (the settings' torch_threads)
     stop_grace_s: float = 10.0  # how long a stopped job's subprocesses get between SIGTERM and SIGKILL
     on_report: Callable[[float | None, dict[str, MetricValue]], None] | None = None
+    defer_finish: bool = False  # the runner's finisher runs JobOutcome.finish (settings finish_in_background)
+    text_cache_entries: int = 0  # text embeddings kept per worker (settings text_cache_entries)
 
     def report(self, progress: float | None = None, **metrics: MetricValue) -> None:
         """Progress (0..1, shown by `fleet gpus` and the heartbeat) and metrics (kept in the record)."""
@@ -64,6 +77,15 @@ class JobContext:
     def ensure_work_dir(self) -> Path:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         return self.work_dir
+
+
+def finish_now(outcome: JobOutcome, ctx: JobContext) -> JobOutcome:
+    """``outcome`` as it is when ``ctx.defer_finish`` (the runner finishes it); otherwise its
+    ``finish`` run now, so the output is in place when the job returns, metrics merged."""
+    if outcome.finish is None or ctx.defer_finish:
+        return outcome
+    extra = outcome.finish()
+    return replace(outcome, metrics={**outcome.metrics, **extra}, finish=None)
 
 
 P = TypeVar("P", bound=BaseModel)

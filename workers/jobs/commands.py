@@ -11,6 +11,8 @@ Job code only: no Celery here. ``run(task, context)``:
    ``FLEET_SAMPLE_ID`` set and the worker's own FLEET_* settings (the broker password) not;
 3. stops the whole group (SIGTERM, SIGKILL after the grace period) when the worker is
    asked to stop or the sample is cancelled (Preempted: not done) or its time limit passes;
+   a command that a stop signal ended while its worker is stopping (Slurm or systemd signal
+   every process of a job at once) is Preempted too, not a failure;
 4. on exit 0 writes the result file (the sample's output) atomically; otherwise raises the
    error class its exit status and output say (workers/command_errors.py).
 
@@ -41,6 +43,9 @@ from workers.jobs.base import JobContext, JobOutcome, parse_params
 log = logging.getLogger("fleet.job")
 
 TAIL_LINES = 20  # the output's last lines kept in the record
+# A stop signal for the whole job reaches the command and its worker together; the worker's
+# signal thread may set JobContext.stopping a moment after the command is gone (seconds).
+STOP_RACE_S = 1.0
 # What the worker sets for itself that a user's command should not inherit.
 WORKER_ONLY_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TQDM_DISABLE")
 
@@ -141,6 +146,12 @@ def params_of(task: TaskPayload) -> CommandParams:
     return parse_params(task, CommandParams, "command")
 
 
+def _ended_by_signal(rc: int | None) -> bool:
+    """The guard's status says a stop signal ended the command (killed, or 128 + N from the guard)."""
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL)
+    return rc is not None and (-rc in stops or rc - 128 in stops)
+
+
 def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:
     """Run the task's command; raises Preempted when stopped, a command error when it fails."""
     p = params_of(task)
@@ -179,6 +190,11 @@ def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:
                 _stop(proc, ctx.stop_grace_s)
                 rc = proc.returncode
                 break
+    if not stopped and _ended_by_signal(rc) and ctx.stopping.wait(STOP_RACE_S):
+        # A signal ended the command while its worker is being stopped: the stop's own signal
+        # (Slurm at a job's end and systemd's control-group kill send it to every process at
+        # once), not the command's fault. It goes back to its queue, as if the worker had stopped it.
+        stopped = True
     duration = time.time() - started
     tail = _tail(log_path)
     if stopped:

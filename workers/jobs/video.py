@@ -1,9 +1,11 @@
 """The video kind's job: Wan text-to-video or motion transfer, written atomically as an mp4.
 
 Job code only: no Celery here. ``run(task, context)`` reads the task's VideoParams, takes
-the resident pipeline from the context's model cache, generates, and writes the file;
-errors come out as fleet.errors types (InputError, ModelLoadError, GpuOutOfMemory) or as
-whatever else went wrong.
+the resident pipeline from the context's model cache, generates, and writes the file (or
+leaves the writing to the runner's finisher: ``JobOutcome.finish``); errors come out as
+fleet.errors types (InputError, ModelLoadError, GpuOutOfMemory) or as whatever else went
+wrong. Each sample's stages (text, inputs, denoise, vae, convert, encode, write; seconds)
+go into its metrics as ``stage_<name>_s``.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleet.contract import TaskPayload
+from fleet.contract import MetricValue, TaskPayload
 from fleet.errors import InputError
 from fleet.kinds.video.spec import VideoParams
+from workers import stage_clock, text_embedding_cache
 from workers.atomic_output import write_atomically
-from workers.jobs.base import JobContext, JobOutcome, parse_params, pin_torch_threads
+from workers.jobs.base import JobContext, JobOutcome, finish_now, parse_params, pin_torch_threads
 from workers.pipeline_loading import out_of_memory
 from workers.reference_video import load_frames
+from workers.stage_clock import StageClock
 from workers.wan_model import load_pipeline
 
 log = logging.getLogger("fleet.job")
@@ -47,57 +51,98 @@ def _check_shape(task: TaskPayload, p: VideoParams, size_factor: int = SIZE_FACT
         raise InputError(f"sample {task.sample_id} ({task.output_path}): {'; '.join(faults)}")
 
 
-def _no_progress(iterable: Any) -> Any:
-    """Progress-bar stand-in: the worker reports progress through records, not tqdm on stderr."""
-    return iterable
-
-
-def _generate(p: VideoParams, pipe: Any) -> list[Any]:
-    """Run the pipeline for the sample's parameters; returns the frames as PIL images."""
+def _generate(p: VideoParams, pipe: Any) -> Any:
+    """Run the pipeline for the sample's parameters; returns the frames on the host as one
+    (frames, height, width, 3) uint8 array. Stages go to the current StageClock."""
     kwargs: dict[str, Any] = {}
-    if p.mode == "motion":
-        # diffsynth needs exactly num_frames frames at the output size; load_frames cuts or loops.
-        kwargs["input_video"] = load_frames(Path(p.video_path), p.width, p.height, p.frames)
-        kwargs["denoising_strength"] = p.denoising_strength
-    return pipe(
-        prompt=p.prompt,
-        negative_prompt=p.negative_prompt,
-        seed=p.seed,
-        num_inference_steps=p.steps,
-        cfg_scale=p.cfg_scale,
-        height=p.height,
-        width=p.width,
-        num_frames=p.frames,
-        tiled=p.tiled,
-        progress_bar_cmd=_no_progress,
-        **kwargs,
-    )
+    with stage_clock.ensure() as clock:
+        if p.mode == "motion":
+            # diffsynth needs exactly num_frames frames at the output size; load_frames cuts or loops.
+            with clock.timed("reference"):
+                kwargs["input_video"] = load_frames(Path(p.video_path), p.width, p.height, p.frames)
+            kwargs["denoising_strength"] = p.denoising_strength
+        video = stage_clock.timed_call(lambda progress: pipe(
+            prompt=p.prompt,
+            negative_prompt=p.negative_prompt,
+            seed=p.seed,
+            num_inference_steps=p.steps,
+            cfg_scale=p.cfg_scale,
+            height=p.height,
+            width=p.width,
+            num_frames=p.frames,
+            tiled=p.tiled,
+            progress_bar_cmd=progress,
+            output_type="floatpoint",  # the VAE's tensor: frames_from_vae converts it in one go
+            **kwargs,
+        ))
+        with clock.timed("convert"):
+            return frames_from_vae(video)
 
 
-def encode_mp4(frames: list[Any], path: Path, fps: int) -> None:
-    """H.264 mp4 (yuv420p, CRF 18) with PyAV; the same frames give the same bytes.
+VAE_RANGE = (-1, 1)  # the values the Wan VAE decodes to (diffsynth's min_value, max_value)
 
-    PyAV rather than diffsynth's save_video: it needs no imageio-ffmpeg binary (GPU hosts
-    often lack it), and its x264 options are ours to pin (X264_OPTIONS).
+
+def frames_from_vae(video: Any) -> Any:
+    """The VAE's output (B, C, T, H, W, on the device) as (T, H, W, 3) uint8 frames on the host.
+
+    Exactly the arithmetic of diffsynth's ``vae_output_to_video`` (``(x - min) * (255 /
+    (max - min))``, clipped to 0..255, cast to uint8), so the frames are the ones the
+    pipeline's PIL images hold, bit for bit; but on the whole video at once on the device,
+    and one copy to the host, instead of 81 small copies and 81 PIL images on the sample's
+    critical path. (diffsynth's own cast of a CUDA tensor to uint8 on the host converts on
+    the device too.)
     """
-    import av
+    import torch
+    from einops import reduce
+
+    lo, hi = VAE_RANGE
+    v = reduce(video, "B C T H W -> T H W C", reduction="mean")
+    v = ((v - lo) * (255 / (hi - lo))).clip(0, 255)
+    return v.to(dtype=torch.uint8).contiguous().cpu().numpy()
+
+
+def _rgb24(frame: Any) -> Any:
+    """One frame as an (H, W, 3) uint8 array: a row of frames_from_vae's array, or a PIL image."""
     import numpy as np
 
-    w, h = frames[0].size
+    return frame if isinstance(frame, np.ndarray) else np.asarray(frame.convert("RGB"))
+
+
+def encode_mp4(frames: Any, path: Path, fps: int) -> None:
+    """H.264 mp4 (yuv420p, CRF 18) with PyAV; the same frames give the same bytes.
+
+    ``frames``: a (T, H, W, 3) uint8 array or a list of PIL images (the same pixels give the
+    same file either way). PyAV rather than diffsynth's save_video: it needs no
+    imageio-ffmpeg binary (GPU hosts often lack it), and its x264 options are ours to pin
+    (X264_OPTIONS).
+    """
+    import av
+
+    first = _rgb24(frames[0])
+    h, w = first.shape[:2]
     with av.open(str(path), mode="w", format="mp4") as c:
         stream = c.add_stream("libx264", rate=fps, options=X264_OPTIONS)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for img in frames:
-            frame = av.VideoFrame.from_ndarray(np.asarray(img.convert("RGB")), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(_rgb24(img), format="rgb24")
             for packet in stream.encode(frame):
                 c.mux(packet)
         for packet in stream.encode():
             c.mux(packet)
 
 
-def write_video_atomically(frames: list[Any], final: Path, fps: int) -> None:
-    """Write ``frames`` as an mp4 at ``final``: the complete file or none (workers/atomic_output.py)."""
-    write_atomically(final, lambda tmp: encode_mp4(frames, tmp, fps))
+def write_video_atomically(frames: Any, final: Path, fps: int) -> float:
+    """Write ``frames`` as an mp4 at ``final``: the complete file or none (workers/atomic_output.py).
+    Returns the seconds spent encoding (the rest is flushing and renaming)."""
+    spent = [0.0]
+
+    def encode(tmp: Path) -> None:
+        t = time.perf_counter()
+        encode_mp4(frames, tmp, fps)
+        spent[0] = time.perf_counter() - t
+
+    write_atomically(final, encode)
+    return spent[0]
 
 
 def params_of(task: TaskPayload) -> VideoParams:
@@ -108,9 +153,12 @@ def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:
     """Generate one sample and write it to ``task.output_path``.
 
     The pipeline comes from ``ctx.models`` (loaded on first use, kept afterwards) on
-    ``ctx.device``. Raises InputError for invalid parameters or reference video,
+    ``ctx.device``. The GPU part (text encoding, denoising, decoding, frames to the host)
+    runs here; the CPU tail (mp4 encoding, the atomic write) is the outcome's ``finish``,
+    run before returning unless ``ctx.defer_finish`` (the runner then overlaps it with the
+    next sample). Raises InputError for invalid parameters or reference video,
     ModelLoadError for bad model files, GpuOutOfMemory when CUDA runs out of memory;
-    other errors propagate.
+    other errors propagate (from ``finish`` too).
     """
     start = time.perf_counter()
     pin_torch_threads(ctx.threads)
@@ -118,30 +166,38 @@ def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:
     _check_shape(task, p)  # before loading: a bad task must not cost a model load
     final = Path(task.output_path)
     device = ctx.device
-    pipe, loaded, load_s = ctx.models.get("video", p.model.model_dump_json(), device, lambda: load_pipeline(p.model, device))
+    identity = p.model.model_dump_json()
+    pipe, loaded, load_s = ctx.models.get("video", identity, device, lambda: load_pipeline(p.model, device))
     if loaded:
         log.info("sample %s: loaded model %s on %s in %.2f s", task.sample_id, p.model.name, device, load_s)
     # The loaded VAE decides the real factors (Wan2.2's VAE needs multiples of 32).
     _check_shape(task, p, max(SIZE_FACTOR, pipe.height_division_factor, pipe.width_division_factor))
+    text_embedding_cache.install(pipe, identity, "WanVideoUnit_PromptEmbedder", ignored=frozenset({"positive"}),
+                                 capacity=ctx.text_cache_entries)
 
-    t_gen = time.perf_counter()
-    try:
-        frames = _generate(p, pipe)
-    except Exception as exc:
-        oom = out_of_memory(exc, task.sample_id, f"{p.width}x{p.height}x{p.frames}", task.memory_mib, device)
-        if oom is None:
-            raise
-        raise oom from exc
-    t_write = time.perf_counter()
-    write_video_atomically(frames, final, p.fps)
-    end = time.perf_counter()
-    width, height = frames[0].size
-    log.info(
-        "sample %s: wrote %s (%d frames %dx%d) in %.2f s, model load %.2f s",
-        task.sample_id, final, len(frames), width, height, end - start, load_s,
-    )
-    return JobOutcome(
-        output_path=str(final), model_loaded=loaded, model_load_s=load_s,
-        metrics={"frames": len(frames), "width": width, "height": height,
-                 "generate_s": round(t_write - t_gen, 4), "write_s": round(end - t_write, 4)},
-    )
+    with StageClock(device, on_step=lambda i, n: ctx.report(progress=i / n)) as clock:
+        t_gen = time.perf_counter()
+        try:
+            frames = _generate(p, pipe)
+        except Exception as exc:
+            oom = out_of_memory(exc, task.sample_id, f"{p.width}x{p.height}x{p.frames}", task.memory_mib, device)
+            if oom is None:
+                raise
+            raise oom from exc
+        generate_s = time.perf_counter() - t_gen
+    count, height, width = frames.shape[:3]
+
+    def finish() -> dict[str, MetricValue]:
+        t_write = time.perf_counter()
+        encode_s = write_video_atomically(frames, final, p.fps)
+        end = time.perf_counter()
+        log.info("sample %s: wrote %s (%d frames %dx%d); encoded in %.2f s, %.2f s after its start",
+                 task.sample_id, final, count, width, height, end - t_write, end - start)
+        return {"write_s": round(end - t_write, 4), "stage_encode_s": round(encode_s, 4),
+                "stage_write_s": round(end - t_write - encode_s, 4)}
+
+    return finish_now(JobOutcome(
+        output_path=str(final), model_loaded=loaded, model_load_s=load_s, finish=finish,
+        metrics={"frames": count, "width": width, "height": height, "generate_s": round(generate_s, 4),
+                 **clock.metrics()},
+    ), ctx)
