@@ -87,8 +87,10 @@ def test_report_of_an_image_run_with_a_failure_opens_offline(fleet_ns: Fleet, ti
     assert tot["mean_s"] == pytest.approx(statistics.mean(durations))
     assert tot["median_s"] == pytest.approx(statistics.median(durations))
     assert tot["p95_s"] == pytest.approx(statistics.quantiles(durations, n=20, method="inclusive")[-1])
-    assert tot["gpu_hours"] == pytest.approx(sum(durations) / 3600)
-    assert tot["energy_kwh"] == pytest.approx(POWER_W * sum(durations) / 3.6e6) and tot["energy_samples"] == 3
+    # A sample whose tail ran beside the next one held the GPU for gpu_held_s of its duration.
+    held = [min(float(x.metrics.get("gpu_held_s", x.duration_s)), x.duration_s) for x in recs]
+    assert tot["gpu_hours"] == pytest.approx(sum(held) / 3600)
+    assert tot["energy_kwh"] == pytest.approx(POWER_W * sum(held) / 3.6e6) and tot["energy_samples"] == 3
     assert fig["span"]["start"] == pytest.approx(t0) and fig["span"]["end"] == pytest.approx(t1)
     assert sum(fig["throughput"]["counts"]) == 3
     assert fig["workers"][recs[0].worker]["samples"] == 3
