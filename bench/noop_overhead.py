@@ -48,8 +48,10 @@ def env_for(url: str, namespace: str, root: Path) -> dict[str, str]:
     return env
 
 
-def wait_files(root: Path, n: int, timeout_s: float, on_poll: Callable[[int], None] | None = None) -> list[float]:
-    """The mtimes (s) of the n outputs, once all exist. ``on_poll(found)`` after each look."""
+def wait_files(root: Path, n: int, timeout_s: float, on_poll: Callable[[int], None] | None = None,
+               worker: subprocess.Popen | None = None) -> list[float]:
+    """The mtimes (s) of the n outputs, once all exist. ``on_poll(found)`` after each look;
+    ``worker``: the process making them (its exit ends the wait, with its log's path)."""
     deadline = time.monotonic() + timeout_s
     while True:
         found = sum(len(os.listdir(d)) for d in root.iterdir() if d.is_dir()) if root.exists() else 0
@@ -57,6 +59,9 @@ def wait_files(root: Path, n: int, timeout_s: float, on_poll: Callable[[int], No
             on_poll(found)
         if found >= n:
             break
+        if worker is not None and worker.poll() is not None:
+            raise SystemExit(f"the worker exited with status {worker.returncode} after {found} of {n} outputs: see "
+                             f"{root.parent / 'worker.log'}")
         if time.monotonic() > deadline:
             raise SystemExit(f"only {found} of {n} outputs after {timeout_s:.0f} s")
         time.sleep(0.2)
@@ -139,7 +144,7 @@ def fleet_run(url: str, n: int, warmup: int, work: Path) -> Side:
                              stdout=open(root / "worker.log", "w"), stderr=subprocess.STDOUT)
         cpu = CpuWindow(w.pid, client, warmup)  # `fleet worker` execs the worker: same pid
         try:
-            mtimes = wait_files(root / "out", n, 600, cpu)
+            mtimes = wait_files(root / "out", n, 600, cpu, w)
             deadline = time.monotonic() + 60
             while client.scard(f"{ns}:done") < n and time.monotonic() < deadline:
                 time.sleep(0.1)  # the last record lands after its file
@@ -172,7 +177,7 @@ def raw_run(url: str, n: int, warmup: int, work: Path) -> Side:
                              stdout=open(root / "worker.log", "w"), stderr=subprocess.STDOUT)
         cpu = CpuWindow(w.pid, client, warmup)
         try:
-            mtimes = wait_files(root / "out", n, 600, cpu)
+            mtimes = wait_files(root / "out", n, 600, cpu, w)
         finally:
             stop(w)
     finally:

@@ -108,7 +108,7 @@ def _profiled_run(a: argparse.Namespace, n: int, ns: str, root: Path, exp: Path,
                                    "--queues", queues), env=env, cwd=root,
                          stdout=open(root / "worker.log", "w"), stderr=subprocess.STDOUT)
     try:
-        wait_files(root / "out", n, 600)
+        wait_files(root / "out", n, 600, worker=w)
         deadline = time.monotonic() + 60
         while client.scard(f"{ns}:done") < n and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -137,7 +137,7 @@ def _profiled_raw(a: argparse.Namespace, n: int, ns: str, root: Path, exp: Path,
                                    "--without-gossip", "--without-mingle", "-l", "WARNING"), env=env, cwd=REPO,
                          stdout=open(root / "worker.log", "w"), stderr=subprocess.STDOUT)
     try:
-        wait_files(root / "out", n, 600)
+        wait_files(root / "out", n, 600, worker=w)
     finally:
         stop(w)
     calls = {k: v - calls0.get(k, 0) for k, v in _commands(client).items() if v > calls0.get(k, 0)}

@@ -14,7 +14,6 @@ import fcntl
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 from fleet.contract import CompletionRecord
@@ -27,8 +26,10 @@ def append(output_root: str, record: CompletionRecord | str, params: dict[str, A
     """Append the sample's line (``record``: the completion record, or its JSON by alias when
     the caller has it already); a failure is logged, never raised (the record in Redis stands)."""
     text = record if isinstance(record, str) else record.model_dump_json(by_alias=True)
-    line = json.dumps({**json.loads(text), "params": params}, ensure_ascii=False, default=str) + "\n"
-    path = Path(output_root) / MANIFEST_NAME
+    # The record's JSON object with "params" added: spliced rather than parsed and written again,
+    # since a worker writes one line per sample (readers parse it; a record has no "params").
+    line = f'{text[:-1]},"params":{json.dumps(params, ensure_ascii=False, default=str)}}}\n'
+    path = os.path.join(output_root, MANIFEST_NAME)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
