@@ -13,7 +13,7 @@ inflated by the profiler, but comparable between steps, sides and runs. Also the
 commands per sample (server-wide counts: other clients of that Redis add to them).
 
     .venv/bin/python bench/noop_profile.py [--side fleet|raw] [--timer wall|cpu] [--samples 2000]
-        [--redis URL] [--top N] [--out FILE.prof]
+        [--calls] [--redis URL] [--top N] [--out FILE.prof]
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ STEPS = [
     ("SampleRunner.run", "workers/runner.py", "run"),
     ("  payload check (TaskPayload)", "pydantic/main.py", "model_validate"),
     ("  confine", "workers/confinement.py", "confine"),
+    ("  payload check (TaskPayload, from a reference's JSON)", "pydantic/main.py", "model_validate_json"),
     ("  admit (done check + gate + claim)", "fleet/admission.py", "admit"),
+    ("  admit a reference (expand, check, claim)", "fleet/admission.py", "admit_reference"),
     ("  is_done (before fleet/admission.py)", "fleet/records.py", "is_done"),
     ("  gate (before fleet/admission.py)", "fleet/control.py", "gate"),
     ("  claim (before fleet/admission.py)", "fleet/records.py", "claim"),
@@ -73,8 +75,25 @@ def main() -> None:
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--top", type=int, default=0, help="also print the N functions of most own time")
     ap.add_argument("--out", type=Path, help="keep the profile here")
+    ap.add_argument("--calls", action="store_true",
+                    help="also profile a run of a third as many samples: Python function calls per sample are the "
+                         "difference of the two runs' counts (start-up cancels out; a count, so no machine noise)")
     a = ap.parse_args()
     n = a.samples
+    with tempfile.TemporaryDirectory(prefix="noop-prof-") as kept:
+        prof = a.out or Path(kept) / "worker.prof"
+        calls = _one(a, n, prof)
+        report(pstats.Stats(str(prof)), n, calls, a.top)
+        if a.calls:
+            small = Path(kept) / "small.prof"
+            _one(a, n // 3, small)
+            big_st, small_st = pstats.Stats(str(prof)), pstats.Stats(str(small))
+            per = (big_st.total_calls - small_st.total_calls) / (n - n // 3)  # type: ignore[attr-defined]
+            print(f"python function calls per sample: {per:.0f}")
+
+
+def _one(a: argparse.Namespace, n: int, prof: Path) -> dict[str, int]:
+    """One profiled run of ``n`` samples on ``a.side``, its profile in ``prof``; Redis calls by command."""
     with tempfile.TemporaryDirectory(prefix="noop-prof-") as tmp:
         ns = f"bench-prof{a.side}-{uuid.uuid4().hex[:8]}"
         root = Path(tmp) / ns
@@ -84,15 +103,14 @@ def main() -> None:
         env = env_for(a.redis, ns, root)
         env["FLEET_WORKER_POOL"] = "solo"
         try:
-            calls, prof = (_profiled_run if a.side == "fleet" else _profiled_raw)(a, n, ns, root, exp, env)
+            return (_profiled_run if a.side == "fleet" else _profiled_raw)(a, n, ns, root, exp, env, prof)
         finally:
             _drop(a.redis, ns)
-        report(pstats.Stats(str(prof)), n, calls, a.top)
 
 
 def _profiled_run(a: argparse.Namespace, n: int, ns: str, root: Path, exp: Path,
-                  env: dict[str, str]) -> tuple[dict[str, int], Path]:
-    """Enqueue, run the profiled worker until every record is written; (Redis calls, profile)."""
+                  env: dict[str, str], prof: Path) -> dict[str, int]:
+    """Enqueue, run the profiled worker until every record is written; Redis calls by command."""
     r = subprocess.run([sys.executable, "-m", "fleet", "enqueue", str(exp), "--json"], env=env,
                        capture_output=True, text=True, timeout=300)
     if r.returncode:
@@ -101,7 +119,6 @@ def _profiled_run(a: argparse.Namespace, n: int, ns: str, root: Path, exp: Path,
         [sys.executable, "-c", "from fleet.settings import load_settings; from fleet.worker_launch import "
          "worker_command; print(worker_command(load_settings(), ())[0][-1])"],
         env=env, capture_output=True, text=True, check=True).stdout.strip()
-    prof = a.out or root / "worker.prof"
     client = redis.Redis.from_url(a.redis)
     calls0 = _commands(client)
     w = subprocess.Popen(_profiled(a.timer, prof, "workers.main", "--name", "prof", "--gpus", "", "--device", "cpu",
@@ -115,12 +132,12 @@ def _profiled_run(a: argparse.Namespace, n: int, ns: str, root: Path, exp: Path,
     finally:
         stop(w)
     calls = {k: v - calls0.get(k, 0) for k, v in _commands(client).items() if v > calls0.get(k, 0)}
-    return calls, prof
+    return calls
 
 
 def _profiled_raw(a: argparse.Namespace, n: int, ns: str, root: Path, exp: Path,
-                  env: dict[str, str]) -> tuple[dict[str, int], Path]:
-    """bench/noop_overhead.py's raw side under the profiler; (Redis calls, profile)."""
+                  env: dict[str, str], prof: Path) -> dict[str, int]:
+    """bench/noop_overhead.py's raw side under the profiler; Redis calls by command."""
     os.environ.update({k: v for k, v in env.items() if k.startswith("FLEET_")})
     from bench.raw_celery_app import app
 
@@ -129,7 +146,6 @@ def _profiled_raw(a: argparse.Namespace, n: int, ns: str, root: Path, exp: Path,
     with app.producer_pool.acquire(block=True) as producer:
         for i in range(n):
             app.send_task("raw.noop", args=[str(output_of(root / "out", i))], queue=queue, producer=producer)
-    prof = a.out or root / "worker.prof"
     client = redis.Redis.from_url(a.redis)
     calls0 = _commands(client)
     w = subprocess.Popen(_profiled(a.timer, prof, "celery", "-A", "bench.raw_celery_app", "worker", "-P", "solo",
@@ -141,7 +157,7 @@ def _profiled_raw(a: argparse.Namespace, n: int, ns: str, root: Path, exp: Path,
     finally:
         stop(w)
     calls = {k: v - calls0.get(k, 0) for k, v in _commands(client).items() if v > calls0.get(k, 0)}
-    return calls, prof
+    return calls
 
 
 # Runs a module under cProfile with the chosen clock: argv = timer, profile file, module, its args.

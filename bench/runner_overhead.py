@@ -76,6 +76,7 @@ def one_run(url: str, n: int, warmup: int) -> dict[str, float]:
         c, w = time.process_time(), time.perf_counter()
         outcomes = Counter(runner.run(t, "q") for t in tasks[warmup:])
         cpu, wall = time.process_time() - c, time.perf_counter() - w
+        counted = Counter(sent)  # the clean-up below is not the runner's
         if outcomes != Counter(done=n):
             raise SystemExit(f"not every sample was done: {dict(outcomes)}")
     finally:
@@ -83,8 +84,8 @@ def one_run(url: str, n: int, warmup: int) -> dict[str, float]:
             client.delete(k)
         shutil.rmtree(tmp, ignore_errors=True)
     return {"cpu_us": (cpu - job_cpu[0]) / n * 1e6, "wall_us": (wall - job_wall[0]) / n * 1e6,
-            "job_cpu_us": job_cpu[0] / n * 1e6, "round_trips": sum(sent.values()) / n,
-            **{f"sent_{k.lower()}": v / n for k, v in sent.items()}}
+            "job_cpu_us": job_cpu[0] / n * 1e6, "round_trips": sum(counted.values()) / n,
+            **{f"sent_{k.lower()}": v / n for k, v in counted.items()}}
 
 
 def _count_round_trips(client: redis.Redis) -> Counter:
