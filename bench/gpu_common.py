@@ -84,6 +84,13 @@ def free_ports(n: int = 1) -> list[int]:
             s.close()
 
 
+def bare_threads(device: str) -> int:
+    """Torch CPU threads of a bare loop: what a fleet worker gets by default (torch_threads auto,
+    fleet.worker_launch), so both sides' CPU stages have the same cores: all the host's CPUs for
+    the one worker of a one-GPU host, 1 on the CPU."""
+    return (os.cpu_count() or 1) if device == "cuda" else 1
+
+
 def base_env(**extra: str) -> dict[str, str]:
     """This process's environment without FLEET_* settings, the repo importable, one torch thread."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}

@@ -65,6 +65,7 @@ from gpu_common import (  # noqa: E402
     BenchFleet,
     Deadline,
     UtilSampler,
+    bare_threads,
     base_env,
     build_models,
     exit_on_sigterm,
@@ -108,7 +109,7 @@ def bare_phase(tasks_path: Path, device: str, result_path: Path) -> int:
     for task in tasks:
         # The context a worker gives the job (workers/runner.py), the same model cache every sample.
         ctx = JobContext(gpus=gpus, device=device, models=cache, stopping=stopping, attempt=task.attempt,
-                         work_dir=Path(task.output_root) / WORK_DIR_NAME / task.sample_id)
+                         threads=bare_threads(device), work_dir=Path(task.output_root) / WORK_DIR_NAME / task.sample_id)
         t0 = time.monotonic()
         r = run_video(task, ctx)
         rows.append({"end": time.time(), "duration_s": time.monotonic() - t0, "model_load_s": r.model_load_s,

@@ -49,6 +49,7 @@ from gpu_common import (  # noqa: E402
     BenchFleet,
     Deadline,
     UtilSampler,
+    bare_threads,
     base_env,
     exit_on_sigterm,
     fake_gpu_file,
@@ -85,7 +86,7 @@ def bare_phase(tasks_path: Path, device: str, result_path: Path) -> int:
     rows = []
     for task in tasks:
         ctx = JobContext(gpus=gpus, device=device, models=cache, stopping=stopping, attempt=1,
-                         work_dir=Path(task.output_root) / WORK_DIR_NAME / task.sample_id)
+                         threads=bare_threads(device), work_dir=Path(task.output_root) / WORK_DIR_NAME / task.sample_id)
         t0 = time.monotonic()
         r = run_image(task, ctx)
         rows.append({"end": time.time(), "duration_s": time.monotonic() - t0, "model_load_s": r.model_load_s,

@@ -79,7 +79,10 @@ class FleetSettings(BaseSettings):
         3, ge=1, description="A worker whose samples fail this many times in a row with unexpected errors "
         "(broken CUDA, full disk) stops taking work instead of failing the whole queue",
     )
-    torch_threads: int = Field(1, ge=1, description="torch.set_num_threads per worker (CPU work; small hosts).")
+    torch_threads: int = Field(
+        0, ge=0, description="torch.set_num_threads per worker; 0 = auto: 1 for a CPU worker, and for a GPU worker "
+        "its share of the host's CPUs (CPUs // workers on the host), for the CPU stages of its samples "
+        "(tiled VAE blending, frame conversion).")
     finish_in_background: bool = Field(
         True, description="A video or image sample's CPU tail (encoding, writing, its record) runs in a thread of "
         "the worker while the next sample computes; at most one pending (off: one sample after the other).")

@@ -41,6 +41,19 @@ def parse_gpus(text: str, flag: str = "--gpus") -> tuple[int, ...]:
     return ids
 
 
+def torch_threads(settings: FleetSettings, gpus: tuple[int, ...], host_workers: int) -> int:
+    """CPU threads the worker's torch may use: ``settings.torch_threads``, or with 0 (auto) 1 for a
+    CPU worker (several share a small host: more would slow them all 10-50x) and, for a GPU
+    worker, the host's CPUs divided among the ``host_workers`` workers on it (at least 1): a
+    video sample's tiled VAE blending and frame conversion run on the CPU between GPU work,
+    and one thread left an H200 idle half the time (docs/BENCHMARKS.md)."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    if not gpus:
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(1, host_workers))
+
+
 def worker_command(
     settings: FleetSettings,
     gpus: tuple[int, ...],
@@ -49,16 +62,15 @@ def worker_command(
     queues: list[str] | None = None,
     device: str = "auto",
     snapshot: GpuSnapshot | None = None,
+    host_workers: int = 1,
 ) -> tuple[list[str], dict[str, str]]:
     """argv and env of ``python -m workers.main`` for one worker holding ``gpus`` (``()``: CPU).
 
     ``snapshot`` (of the worker's GPU) lets the default queues include the memory classes
-    that fit the card.
+    that fit the card; ``host_workers``: how many workers the host runs (auto torch threads).
     """
     env = dict(os.environ)
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-    env["OMP_NUM_THREADS"] = str(settings.torch_threads)
-    env["MKL_NUM_THREADS"] = str(settings.torch_threads)
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TQDM_DISABLE", "1")  # diffsynth's progress bars would flood the worker log
     if settings.broker_url is None:
@@ -67,6 +79,9 @@ def worker_command(
     env["CUDA_VISIBLE_DEVICES"] = gpus_arg(gpus)
     if device == "auto":
         device = "cpu" if not gpus or os.environ.get(FAKE_GPUS_ENV) else "cuda"
+    # a worker computing on the CPU (fake GPUs in tests, --device cpu) counts as a CPU worker
+    threads = torch_threads(settings, gpus if device != "cpu" else (), host_workers)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = env["FLEET_TORCH_THREADS"] = str(threads)
     qs = queues or default_queues(settings, gpus, snapshot)
     argv = [sys.executable, "-m", "workers.main", "--name", worker_name(gpus, slot), "--gpus", gpus_arg(gpus),
             "--device", device, "--queues", ",".join(qs)]

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     settings = load_settings()
+    if not settings.torch_threads:  # auto is resolved by whoever starts the worker (fleet.worker_launch)
+        settings = settings.model_copy(update={"torch_threads": 1})
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
                         stream=sys.stdout)
     log_tags.install()  # a record logged while a sample runs starts with [<sample id>] (`fleet logs SAMPLE_ID`)

@@ -28,6 +28,7 @@ from torch import nn
 
 from fleet.errors import InputError, Preempted
 from workers.atomic_output import write_atomically
+from workers.train_step import TrainStep, graphs_possible, keep_capturable, optimizer_for
 
 
 @dataclass
@@ -127,7 +128,7 @@ def auc_score(scores: torch.Tensor, labels: torch.Tensor) -> float:
     order = torch.argsort(scores)
     s = scores[order].double()
     ranks = torch.empty_like(s)
-    ranks[:] = torch.arange(1, len(s) + 1, dtype=torch.float64)
+    ranks[:] = torch.arange(1, len(s) + 1, dtype=torch.float64, device=s.device)
     _, inverse, counts = torch.unique_consecutive(s, return_inverse=True, return_counts=True)
     if len(counts) < len(s):  # average the ranks of ties
         ends = torch.cumsum(counts, 0).double()
@@ -186,8 +187,8 @@ def train(data: TableData, settings: dict[str, Any], tc: TrainContext) -> dict[s
     mean, std = data.num[train_rows].mean(0), data.num[train_rows].std(0).clamp_min(1e-6)
     num = (data.num - mean) / std
     model = TabularNet(data.cardinalities, num.shape[1], s["embedding_dim"], s["hidden"]).to(dev)
-    # fused: one kernel for the whole optimiser step on CUDA instead of several per parameter
-    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"], fused=dev.type == "cuda")
+    graphed = graphs_possible(dev, use_scaler, s.get("cuda_graph", True))
+    opt = optimizer_for(model, s, dev, graphed)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     ckpt_path = tc.run_dir / "checkpoint.pt"
     state = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "loss_n": 0, "metrics": []}
@@ -198,6 +199,7 @@ def train(data: TableData, settings: dict[str, Any], tc: TrainContext) -> dict[s
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             scaler.load_state_dict(ck["scaler"])
+            keep_capturable(opt, graphed)
             state = ck["state"]
             resumed = (state["epoch"], state["batch"])
 
@@ -220,33 +222,25 @@ def train(data: TableData, settings: dict[str, Any], tc: TrainContext) -> dict[s
             pin_memory=s["pin_memory"] and dev.type == "cuda",
             persistent_workers=s["persistent_workers"] and workers > 0)
     batches_per_epoch = -(-len(train_rows) // s["batch_size"])
-    lossf = nn.BCEWithLogitsLoss()
+    step = TrainStep(model, opt, scaler, amp_dtype, dev, s["batch_size"], graphed)
     last_save = time.monotonic()
     try:
         while state["epoch"] < s["epochs"]:
             epoch = state["epoch"]
             sampler.epoch, sampler.skip = epoch, state["batch"]
-            t0, seen = time.monotonic(), 0
+            t0, seen, started_at = time.monotonic(), 0, time.time()
             tc.telemetry()  # start this epoch's window
             model.train()
-            # The loss is summed on the device: reading it every step (.item()) would wait for
-            # the GPU each time and leave it idle while Python fetches the next batch.
-            loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+            # The loss is summed on the device (TrainStep): reading it every step (.item()) would
+            # wait for the GPU each time and leave it idle while Python fetches the next batch.
 
             def flush_loss() -> None:
-                state["loss_sum"] += float(loss_sum.item())
-                loss_sum.zero_()
+                state["loss_sum"] += step.take_loss_sum()
 
             for cat, x, y in loader:
                 cat, x, y = (t.to(dev, non_blocking=True) for t in (cat, x, y))
-                with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = lossf(model(cat, x).float(), y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+                step(cat, x, y)
                 state["batch"] += 1
-                loss_sum += loss.detach().double() * len(y)
                 state["loss_n"] += len(y)
                 seen += len(y)
                 if tc.stopping():
@@ -264,7 +258,8 @@ def train(data: TableData, settings: dict[str, Any], tc: TrainContext) -> dict[s
             gpu = tc.telemetry()  # the training steps' window, evaluation left out
             val = evaluate(model, data.cat[val_rows], num[val_rows], data.y[val_rows], dev, amp_dtype)
             line = {"epoch": epoch + 1, "loss": round(state["loss_sum"] / max(1, state["loss_n"]), 6), **val,
-                    "samples_per_s": round(seen / wall, 1) if wall > 0 else None, "epoch_s": round(wall, 3), **gpu}
+                    "samples_per_s": round(seen / wall, 1) if wall > 0 else None, "epoch_s": round(wall, 3),
+                    "started_at": round(started_at, 3), "step_mode": step.mode, **gpu}
             state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_n=0)
             state["metrics"].append(line)
             save()
@@ -284,7 +279,7 @@ def evaluate(model: nn.Module, cat: torch.Tensor, num: torch.Tensor, y: torch.Te
     for start in range(0, len(y), 65536):
         c, x = cat[start : start + 65536].to(dev), num[start : start + 65536].to(dev)
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits.append(model(c, x).float().cpu())
-    z = torch.cat(logits)
+            logits.append(model(c, x).float())
+    z, y = torch.cat(logits), y.to(dev)  # AUC's sort on the device: the CPU's took longer than an epoch's steps
     logloss = nn.functional.binary_cross_entropy_with_logits(z, y).item()
     return {"val_logloss": round(logloss, 6), "val_auc": round(auc_score(z, y), 6)}
