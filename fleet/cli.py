@@ -50,10 +50,13 @@ def main(ctx: click.Context, config: str | None, verbosity: str | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Plan and check, publish nothing, list what would go.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: planned, done, in_flight, enqueued.")
 @click.option("--rerun", is_flag=True, help="Publish done samples again too (commands that succeeded run again).")
+@click.option("--verify-outputs", is_flag=True,
+              help="Stat every done output, also in folders unchanged since they were verified (catches a file "
+              "truncated or overwritten in place).")
 @click.pass_context
 @handles_errors
 def enqueue(ctx: click.Context, experiment: Path, groups: tuple[str, ...], dry_run: bool, as_json: bool,
-            rerun: bool) -> None:
+            rerun: bool, verify_outputs: bool) -> None:
     """Publish every sample of EXPERIMENT that is not done, queued or running."""
     from fleet.broker import connect
     from fleet.enqueue import enqueue as do_enqueue
@@ -64,7 +67,7 @@ def enqueue(ctx: click.Context, experiment: Path, groups: tuple[str, ...], dry_r
     client = connect(settings)
     res = do_enqueue(client, settings.namespace, exp, list(groups) or None, dry_run=dry_run,
                      policy=settings.placement, memory_classes_mib=settings.memory_classes_mib, kinds=settings.kinds,
-                     rerun=rerun)
+                     rerun=rerun, verify_outputs=verify_outputs)
     if as_json:
         d = res.as_dict()
         if dry_run:
@@ -115,7 +118,9 @@ def worker(ctx: click.Context, gpu: int | None, gpus: str | None, cpu: bool, slo
         if missing:
             raise PlacementError(f"fleet worker: GPU {missing[0]} is not on this host (GPUs {sorted(snaps)})")
         snapshot = snaps.get(ids[0]) if len(ids) == 1 else None
-    argv, env = worker_command(settings, ids, slot=slot, queues=list(queues), device=device, snapshot=snapshot)
+    # a hand-started worker assumes one worker per GPU of the host for its share of the CPUs
+    argv, env = worker_command(settings, ids, slot=slot, queues=list(queues), device=device, snapshot=snapshot,
+                               host_workers=max(1, len(snaps)) if ids else 1)
     sys.stdout.flush()
     os.execvpe(argv[0], argv, env)
 
@@ -128,7 +133,10 @@ def worker(ctx: click.Context, gpu: int | None, gpus: str | None, cpu: bool, slo
 @click.option("--exclusive/--shared", default=None, help="Exclusive: only idle GPUs (util 0 %, memory < 3 %).")
 @click.option("--slots-per-gpu", type=int, help="Workers per GPU (fixed slots).")
 @click.option("--packed-mib", type=int, help="Pack slots by declared memory: floor(free / this) per GPU.")
-@click.option("--max-slots", type=int, help="Cap on packed slots per GPU.")
+@click.option("--slots", "slots_mode", type=click.Choice(["fixed", "auto"]),
+              help="auto: one worker per GPU measures its samples' peak memory, then as many as fit with a margin "
+              "(placement.slot_margin_pct, 10 % of the GPU) are started, re-checked as colleagues come and go.")
+@click.option("--max-slots", type=int, help="Cap on packed and auto slots per GPU.")
 @click.option("--cpu-workers", type=int, help="Start this many CPU workers instead of GPU workers.")
 @click.option("--allow-commands", is_flag=True, help="Its workers run shell commands (kind commands); off by default.")
 @click.option("--foreground", is_flag=True, help="Run the supervisor in this process, for systemd or Slurm: no "
@@ -139,10 +147,12 @@ def worker(ctx: click.Context, gpu: int | None, gpus: str | None, cpu: bool, slo
 @click.pass_context
 @handles_errors
 def up(ctx: click.Context, gpu_list: str | None, exclude: str | None, min_free_mib: int | None, reserve: int | None,
-       exclusive: bool | None, slots_per_gpu: int | None, packed_mib: int | None, max_slots: int | None,
-       cpu_workers: int | None, allow_commands: bool, foreground: bool, with_flower: bool,
+       exclusive: bool | None, slots_per_gpu: int | None, packed_mib: int | None, slots_mode: str | None,
+       max_slots: int | None, cpu_workers: int | None, allow_commands: bool, foreground: bool, with_flower: bool,
        grace_s: float | None) -> None:
     """Start Redis (embedded unless configured), one worker per usable GPU, and Flower."""
+    if slots_mode is not None and packed_mib is not None:
+        raise click.UsageError("--packed-mib packs by declared memory; it does not go with --slots")
     if not foreground and (with_flower or grace_s is not None):
         raise click.UsageError("--flower and --grace-s go with --foreground (`fleet up` always starts Flower; "
                                "`fleet down --grace-s` stops it)")
@@ -164,6 +174,8 @@ def up(ctx: click.Context, gpu_list: str | None, exclude: str | None, min_free_m
         change["mode"] = "exclusive" if exclusive else "shared"
     if packed_mib is not None:
         change.update(slots="packed", slot_memory_mib=packed_mib)
+    if slots_mode is not None:
+        change["slots"] = slots_mode
     if change:
         policy = PlacementPolicy.load({**settings.placement.model_dump(), **change}, "fleet up")
         settings = settings.model_copy(update={"placement": policy})

@@ -19,10 +19,12 @@ from fleet.cli_control import control_status, experiment_ref, paused_line
               help="Also the failures: how many of each error type, then each failed sample with its error.")
 @click.option("--export", "export_csv", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the failures to this CSV (seed 002's failure lists, one file for the fleet).")
+@click.option("--verify-outputs", is_flag=True,
+              help="With EXPERIMENT: stat every done output, also in folders unchanged since they were verified.")
 @click.pass_context
 @handles_errors
 def status(ctx: click.Context, experiment: Path | None, groups: tuple[str, ...], as_json: bool,
-           show_failed: bool, export_csv: Path | None) -> None:
+           show_failed: bool, export_csv: Path | None, verify_outputs: bool) -> None:
     """Done / queued / running / failed, per group and in total."""
     from fleet.broker import connect
     from fleet.status import experiment_status, experiments_overview, failures, global_status
@@ -33,7 +35,8 @@ def status(ctx: click.Context, experiment: Path | None, groups: tuple[str, ...],
         from fleet.experiment import load_experiment
 
         exp = load_experiment(experiment, settings.output_dir, settings.kinds)
-        st = experiment_status(client, settings.namespace, exp, list(groups) or None, settings.kinds)
+        st = experiment_status(client, settings.namespace, exp, list(groups) or None, settings.kinds,
+                               verify_outputs=verify_outputs)
     else:
         st = global_status(client, settings.namespace)
     d = st.as_dict()
@@ -124,6 +127,8 @@ def gpus(ctx: click.Context, as_json: bool, watch: bool, interval_s: float, coun
     from fleet.gpu_inventory import inventory_from_env
     from fleet.gpu_view import as_json as to_json
     from fleet.gpu_view import live_workers, table
+    from fleet.launcher import run_dir
+    from fleet.slot_plans import PLAN_FILE, read_plans
 
     settings = settings_of(ctx)
     with inventory_from_env() as inv:
@@ -141,8 +146,9 @@ def gpus(ctx: click.Context, as_json: bool, watch: bool, interval_s: float, coun
                       interval_s, count, as_json)
         return
     workers = live_workers(client, settings.namespace, settings.heartbeat_s)
+    plans = read_plans(run_dir(settings) / PLAN_FILE)  # the supervisor's slots per GPU and why
     if as_json:
-        click.echo(to_json(snaps, workers))
+        click.echo(to_json(snaps, workers, plans))
         return
     from rich.console import Console
 
@@ -150,7 +156,7 @@ def gpus(ctx: click.Context, as_json: bool, watch: bool, interval_s: float, coun
     if not snaps:
         console.print("no GPU found (NVML not available or no NVIDIA GPU)")
     else:
-        console.print(table(snaps, workers))
+        console.print(table(snaps, workers, plans))
     cpu = [w.name for w in workers if not w.gpus]
     if cpu:
         console.print("CPU workers: " + ", ".join(cpu))

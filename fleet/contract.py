@@ -80,6 +80,12 @@ class Keys:
         # HASH experiment name -> JSON {file, kind, output_root, first_enqueued_at, last_enqueued_at
         # (unix s), published}: every experiment `fleet enqueue` published (fleet.experiment_index)
         self.experiments = f"{ns}:experiments"
+        # HASH folder path -> "<inode>:<mtime ns>:<ctime ns> <digest>": folders whose done outputs were
+        # all verified, trusted while unchanged (fleet.output_files.in_place, the done check's cache)
+        self.verified_folders = f"{ns}:verified_folders"
+        # HASH experiment -> "<length of its samples hash> <digest of planned ids>": the last status of that
+        # plan found every sample the experiment published still planned (fleet.status._count_published)
+        self.index_checked = f"{ns}:index_checked"
 
     # SET of series names ("<hostname>/<NVML index>") that have a GPU time series
     def gpu_series(self, name: str) -> str:
@@ -231,4 +237,7 @@ class WorkerEntry(BaseModel):
                                   "background while it runs the next (docs/ARCHITECTURE.md, Overlapped finish)")
     done: int = Field(0, ge=0, description="Samples this worker process has made (the supervisor resets its restart back-off)")
     failed: int = Field(0, ge=0, description="Samples this worker process failed for good")
+    peak_mib: int | None = Field(None, ge=0, description="GPU memory its samples took at their peak, MiB, model and "
+                                 "CUDA context included (measured with `--slots auto`; fleet.slot_plans)")
+    peak_samples: int = Field(0, ge=0, description="Samples peak_mib was measured over")
     seen_at: float

@@ -10,11 +10,15 @@ for (driver overhead, other containers, hidden usage) is colleagues', unless eve
 process is ours and some hide their usage. A GPU with own processes is "held": usable while
 it passes the checks and exempt from the reserve, as the seed's script never gives back a
 GPU it occupies (§4.2, §5.2).
+
+Slots per GPU: fixed (``slots_per_gpu``), packed by the memory a sample declares
+(``slot_memory_mib``, §14.1), or auto, by the peak the fleet's workers measure there
+(fleet.slot_plans).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -22,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationErr
 
 from fleet.errors import ConfigError, PlacementError
 from fleet.gpu_inventory import GpuSnapshot
+from fleet.slot_plans import SlotMeasure, auto_slots
 
 
 class PlacementPolicy(BaseModel):
@@ -35,9 +40,13 @@ class PlacementPolicy(BaseModel):
     reserve: NonNegativeInt = Field(0, description="Free GPUs left for colleagues (seed 003 RESERVED_GPUS, §5.2)")
     mode: Literal["shared", "exclusive"] = Field("shared", description="exclusive: only idle GPUs (§13.2)")
     exclusive_max_used_pct: float = Field(3.0, gt=0, le=100, description="Idle means memory used below this (§13.2)")
-    slots: Literal["fixed", "packed"] = Field("fixed", description="packed: as many as fit (EXTREME_MODE, §14.1)")
+    slots: Literal["fixed", "packed", "auto"] = Field(
+        "fixed", description="packed: as many as fit the declared memory (EXTREME_MODE, §14.1); auto: as many as "
+        "fit the peak the workers measure (fleet.slot_plans)")
     slots_per_gpu: int = Field(1, ge=1, description="Worker slots per GPU in fixed mode")
-    max_slots_per_gpu: int = Field(4, ge=1, description="Cap on packed slots")
+    max_slots_per_gpu: int = Field(4, ge=1, description="Cap on packed and auto slots")
+    slot_margin_pct: float = Field(10.0, ge=0, lt=100, description="Auto: % of a GPU's memory left free for safety")
+    auto_samples: int = Field(2, ge=1, description="Auto: samples a GPU's peak is measured over before it packs")
     slot_memory_mib: int | None = Field(None, gt=0, description="Memory one sample declares; required when packed")
     assignment: dict[str, list[NonNegativeInt]] = Field({}, description="category -> pinned GPUs (seed 000)")
 
@@ -85,6 +94,7 @@ class Decision:
     total_mib: int
     held: bool  # a fleet worker already runs here
     possible: bool  # could pass under this policy on some day (in pool, not excluded, large enough)
+    slots_why: str = ""  # how the slots were counted ("fixed", "packed: ...", "auto: ..."); "" when not usable
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,7 +108,7 @@ def gib(mib: int) -> str:
 def required_free_mib(policy: PlacementPolicy) -> int:
     """Free MiB a GPU needs: min_free_mib, and room for one packed sample or for every fixed slot."""
     per_sample = policy.slot_memory_mib or 0
-    slots = 1 if policy.slots == "packed" else policy.slots_per_gpu
+    slots = policy.slots_per_gpu if policy.slots == "fixed" else 1
     return max(policy.min_free_mib, slots * per_sample)
 
 
@@ -158,8 +168,13 @@ def in_pool(index: int, policy: PlacementPolicy) -> bool:
     return index not in policy.exclude_gpus and (policy.gpus == "all" or index in policy.gpus)
 
 
-def _colleague_use(snap: GpuSnapshot, own_pids: Set[int]) -> tuple[int, int | None, list[int], bool]:
-    """(memory used by others MiB, utilisation by others % or None, own pids here, any foreign process)."""
+def _colleague_use(snap: GpuSnapshot, own_pids: Set[int], leaving: Set[int] = frozenset()
+                   ) -> tuple[int, int | None, list[int], bool]:
+    """(memory used by others MiB, utilisation by others % or None, own pids here, any foreign process).
+    ``leaving``: fleet workers draining; their memory and utilisation are the fleet's, but they
+    do not make the GPU held."""
+    mine = sorted(p.pid for p in snap.processes if p.pid in own_pids)
+    own_pids = own_pids | leaving
     own = [p for p in snap.processes if p.pid in own_pids]
     foreign = any(p.pid not in own_pids for p in snap.processes)
     if own and not foreign and any(p.used_mib is None for p in own):
@@ -167,12 +182,14 @@ def _colleague_use(snap: GpuSnapshot, own_pids: Set[int]) -> tuple[int, int | No
     else:
         used = max(0, snap.memory_used_mib - sum(p.used_mib or 0 for p in own))
     util = 0 if own and not foreign else snap.utilization_pct
-    return used, util, sorted(p.pid for p in own), foreign
+    return used, util, mine, foreign
 
 
-def _slots(free_mib: int, policy: PlacementPolicy) -> tuple[int, str]:
+def _slots(free_mib: int, total_mib: int, policy: PlacementPolicy, measure: SlotMeasure | None) -> tuple[int, str]:
     if policy.slots == "fixed":
         return policy.slots_per_gpu, "fixed"
+    if policy.slots == "auto":
+        return auto_slots(free_mib, total_mib, policy, measure)
     # §14.1: floor(free / declared) with no margin subtracted; the seed puts the margin in
     # the declared figure instead (§10.2, §14.8 Q1).
     per = policy.slot_memory_mib or 1
@@ -183,9 +200,10 @@ def _slots(free_mib: int, policy: PlacementPolicy) -> tuple[int, str]:
     return min(fit, policy.max_slots_per_gpu), how
 
 
-def _judge(s: GpuSnapshot, policy: PlacementPolicy, own_pids: Set[int], need: int, ours: bool) -> Decision:
+def _judge(s: GpuSnapshot, policy: PlacementPolicy, own_pids: Set[int], need: int, ours: bool,
+           leaving: Set[int] = frozenset(), measure: SlotMeasure | None = None) -> Decision:
     """One GPU against pool, exclude, free memory and exclusive idleness; the reserve comes later."""
-    used, util, mine, foreign = _colleague_use(s, own_pids)
+    used, util, mine, foreign = _colleague_use(s, own_pids, leaving)
     free = s.memory_free_mib + (s.memory_used_mib - used)
     possible = in_pool(s.index, policy) and s.memory_total_mib >= need
     common: dict[str, Any] = dict(index=s.index, free_mib=free, total_mib=s.memory_total_mib,
@@ -199,14 +217,14 @@ def _judge(s: GpuSnapshot, policy: PlacementPolicy, own_pids: Set[int], need: in
         fail = f"{head} not in the GPU pool {policy.gpus}"
     elif free < need:
         fail = f"{head} {gib(free)} free < {gib(need)} needed"
-    elif policy.mode == "exclusive" and policy.slots == "fixed":
+    elif policy.mode == "exclusive" and policy.slots != "packed":
         # §13.2: utilisation 0 % and memory used < 3 %. Unknown utilisation counts as idle only
         # when no foreign process is listed; else exclusive could never run on such a driver.
         idle_util = util == 0 or (util is None and not foreign)
         if not (idle_util and used_pct < policy.exclusive_max_used_pct):
             fail = (f"{head} not idle for exclusive mode ({util_txt}, memory used {used_pct:.1f}%"
                     f" vs < {policy.exclusive_max_used_pct:g}%)")
-    slots, how = _slots(free, policy) if fail is None else (0, "")
+    slots, how = _slots(free, s.memory_total_mib, policy, measure) if fail is None else (0, "")
     if fail is None and slots < 1:
         fail = f"{head} room for no sample ({how})"
     if fail is not None:
@@ -218,7 +236,7 @@ def _judge(s: GpuSnapshot, policy: PlacementPolicy, own_pids: Set[int], need: in
         note += f"; held by fleet pids {','.join(map(str, mine))}"
     plural = "s" if slots != 1 else ""
     reason = f"{head} {gib(free)} free >= {gib(need)}, {util_txt}{note} -> {slots} slot{plural} ({how})"
-    return Decision(usable=True, slots=slots, reason=reason, **common)
+    return Decision(usable=True, slots=slots, reason=reason, slots_why=how, **common)
 
 
 def eligible_gpus(
@@ -226,6 +244,8 @@ def eligible_gpus(
     policy: PlacementPolicy,
     own_pids: Set[int] = frozenset(),
     fleet_gpus: Set[int] = frozenset(),
+    leaving_pids: Set[int] = frozenset(),
+    measures: Mapping[int, SlotMeasure] | None = None,
 ) -> list[Decision]:
     """One Decision per GPU: usable ones first, most free memory first (§13.1), then the rest by index.
 
@@ -234,12 +254,16 @@ def eligible_gpus(
     reserve over every GPU that passes (§5.2), keeping the fleet's own GPUs first, then
     the most-free ones. ``fleet_gpus`` are the GPUs the caller runs workers on: held even
     before their process shows in NVML (a worker loading its model has no CUDA context
-    yet), so the choice does not hop between GPUs of nearly equal free memory.
+    yet), so the choice does not hop between GPUs of nearly equal free memory. ``leaving_pids``:
+    fleet workers draining, whose memory is the fleet's (else draining one slot of a packed GPU
+    would make room look short and drain the next). ``measures``: per GPU, what auto slots
+    counts from (fleet.slot_plans).
     Raises PlacementError when the policy can never be met here (check_feasible).
     """
     check_feasible(snapshots, policy)
     need = required_free_mib(policy)
-    judged = [_judge(s, policy, own_pids, need, s.index in fleet_gpus) for s in snapshots]
+    judged = [_judge(s, policy, own_pids, need, s.index in fleet_gpus, leaving_pids, (measures or {}).get(s.index))
+              for s in snapshots]
     out = {d.index: d for d in judged if not d.usable}
     # Held GPUs first (a worker keeps its GPU rather than hop to a slightly freer one),
     # then most free memory first (§13.1).

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import redis
 
@@ -27,12 +27,14 @@ from fleet.broker import connect
 from fleet.contract import WORKER_EXIT_BROKEN, Keys, WorkerEntry
 from fleet.errors import BrokerUnavailable, PlacementError
 from fleet.gpu_inventory import GpuSnapshot, Inventory, inventory_from_env
+from fleet.gpu_view import live_workers
 from fleet.launcher import run_dir, write_json_atomic
 from fleet.log_files import start_rotation, worker_log
 from fleet.placement import PlacementPolicy, choose_group, eligible_gpus
 from fleet.priority import queue_length
 from fleet.routing import commands_twin, group_queue
 from fleet.settings import FleetSettings, load_settings
+from fleet.slot_plans import PLAN_FILE, SlotMeasure, measures, plan_record
 from fleet.worker_launch import worker_command, worker_name
 
 log = logging.getLogger("fleet.supervisor")
@@ -78,6 +80,8 @@ class Supervisor:
     stopping: bool = False
     _last_decisions: tuple = ()
     _snaps: dict[int, GpuSnapshot] = field(default_factory=dict)
+    _measures: dict[int, SlotMeasure] = field(default_factory=dict)  # auto slots' last reading
+    _host_workers: int = 1  # workers of the last plan (auto torch threads)
 
     @property
     def policy(self) -> PlacementPolicy:
@@ -91,11 +95,14 @@ class Supervisor:
         self._snaps = {s.index: s for s in snaps}
         if not snaps:
             return [WorkerPlan(worker_name(()), (), 0, reason="no GPU found: one CPU worker")]
-        live = [r for r in self.running.values() if r.proc.poll() is None and not r.stopping]
+        alive = [r for r in self.running.values() if r.proc.poll() is None]
+        live = [r for r in alive if not r.stopping]
         own = {r.proc.pid for r in live}
         held = {g for r in live for g in r.plan.gpus}
-        decisions = eligible_gpus(snaps, self.policy, own, held)
+        leaving = {r.proc.pid for r in alive if r.stopping}
+        decisions = eligible_gpus(snaps, self.policy, own, held, leaving, self._slot_measures(alive, live))
         self._log_decisions(decisions)
+        write_json_atomic(run_dir(self.settings) / PLAN_FILE, plan_record(decisions, self.interval_s))
         plans: list[WorkerPlan] = []
         grouped: set[int] = set()
         for n in self._multi_gpu_demand():  # multi-GPU work goes first (seed 003 §5.3)
@@ -114,7 +121,24 @@ class Supervisor:
             if d.usable and d.index not in grouped:
                 for slot in range(d.slots):
                     plans.append(WorkerPlan(worker_name((d.index,), slot), (d.index,), slot, reason=d.reason))
+        self._host_workers = len(plans)
         return plans
+
+    def _slot_measures(self, alive: list[Running], live: list[Running]) -> dict[int, SlotMeasure]:
+        """Auto slots: per GPU, the peak its workers measured and the slots running there. Kept
+        from the last reading while Redis does not answer: forgetting it would drain slots."""
+        if self.policy.slots != "auto":
+            return {}
+        running: dict[int, int] = {}
+        for r in live:
+            if len(r.plan.gpus) == 1:
+                running[r.plan.gpus[0]] = running.get(r.plan.gpus[0], 0) + 1
+        try:
+            entries = live_workers(self.client, self.settings.namespace, self.settings.heartbeat_s)
+        except redis.RedisError:
+            return {g: replace(m, running=running.get(g, 0)) for g, m in self._measures.items()}
+        self._measures = measures(entries, socket.gethostname(), {r.proc.pid for r in alive}, running)
+        return self._measures
 
     def _multi_gpu_demand(self) -> list[int]:
         """GPU counts of multi-GPU work that is queued or still running here, most GPUs first."""
@@ -159,7 +183,9 @@ class Supervisor:
 
     def start(self, plan: WorkerPlan) -> None:
         snapshot = self._snaps.get(plan.gpus[0]) if len(plan.gpus) == 1 else None
-        argv, env = worker_command(self.settings, plan.gpus, slot=plan.slot, snapshot=snapshot)
+        # auto torch threads: the host's CPUs shared among the workers of the last plan
+        argv, env = worker_command(self.settings, plan.gpus, slot=plan.slot, snapshot=snapshot,
+                                   host_workers=max(1, len(self._snaps), self._host_workers))
         logf = worker_log(self.settings.logs, plan.name)
         logf.parent.mkdir(parents=True, exist_ok=True)
         argv = [*argv, "--log-file", str(logf)]  # the worker rotates it (fleet.log_files)
@@ -278,6 +304,7 @@ class Supervisor:
                     r.proc.kill()
                     r.proc.wait()
         (run_dir(self.settings) / "workers.json").unlink(missing_ok=True)
+        (run_dir(self.settings) / PLAN_FILE).unlink(missing_ok=True)
 
     def loop(self) -> None:
         while not self.stopping:

@@ -69,6 +69,8 @@ class Heartbeat(threading.Thread):
             finishing=finishing.sample_id if finishing else None,
             done=self.runner.done_count,
             failed=self.runner.failed_count,
+            peak_mib=self.runner.peak.peak_mib if self.runner.peak is not None else None,
+            peak_samples=self.runner.peak.samples if self.runner.peak is not None else 0,
             seen_at=time.time(),
         )
         r.hset(keys.workers, self.runner.worker, entry.model_dump_json())

@@ -42,6 +42,7 @@ from workers.jobs.base import JobContext, JobOutcome
 from workers.journal import Journal
 from workers.log_tags import tagged
 from workers.model_cache import ModelCache
+from workers.peak_memory import PeakMemory
 
 log = logging.getLogger("fleet.worker")
 
@@ -105,6 +106,9 @@ class SampleRunner:
                                   settings.gpu_series_window_s) if gpus else None)
         self.telemetry = GpuTelemetry(gpus, interval_s=min(1.0, settings.gpu_series_bucket_s),
                                       on_reading=self.series.add if self.series is not None else None).start()
+        # `slots: auto`: the memory a sample takes at its peak, which the heartbeat advertises.
+        self.peak = (PeakMemory(gpus[0], settings.placement.auto_samples)
+                     if settings.placement.slots == "auto" and len(gpus) == 1 else None)
 
 
     def run(self, payload: object, queue: str) -> str:
@@ -211,6 +215,8 @@ class SampleRunner:
             self._note_telemetry()
             return self._on_error(task, queue, e)
         self._note_telemetry()
+        if self.peak is not None:
+            self.peak.after_sample()
         if outcome.finish is None:
             return self._complete(task, queue, deliveries, t0, outcome)
         if not self.settings.finish_in_background:

@@ -256,6 +256,8 @@ def test_seed_003_example_list_runs_as_written(local_fleet, tmp_path: Path) -> N
     assert cvd("preprocess.py") == [""] and cvd("scripts/analyze.sh") == [""]
     singles = cvd("scripts/run_pipeline.sh") + cvd("scripts/run_fast_slow.sh")
     assert all(len(c.split(",")) == 1 and c in "0123" for c in singles), ran
+    # The supervisor grouped GPUs for the queued multi-GPU commands (their commands twin queues).
+    assert "3-GPU work queued: group of GPUs" in (f.logs / "supervisor.log").read_text()
 
 
 @pytest.mark.parametrize("text, fault", [

@@ -124,3 +124,31 @@ def test_up_with_every_gpu_taken_waits_for_one(local_fleet: LocalFleet, tmp_path
     write_gpus(gpus, colleague_on={1})  # GPU 0 comes free
     wait_for(lambda: entry(f, "gpu0") is not None, 60, "a worker on the GPU that came free")
     assert list(f.worker_pids()) == ["gpu0"]
+
+
+def test_auto_slots_grow_once_the_first_worker_measured_its_peak(local_fleet: LocalFleet, video_experiment,
+                                                                 tmp_path: Path) -> None:
+    f = local_fleet
+    gpus = tmp_path / "gpus.json"
+    write_gpus(gpus)
+    env = {"FLEET_FAKE_GPUS": str(gpus), "FLEET_PLACEMENT_INTERVAL_S": "0.3"}
+    f.fleet("up", "--gpus", "0", "--slots", "auto", check=True, **env)
+    wait_for(lambda: entry(f, "gpu0"), 60, "the first worker")
+    shown = json.loads(f.fleet("gpus", "--json", check=True, **env).stdout)["gpus"][0]["placement"]
+    assert shown["text"] == "1 slot (auto: measuring, 0 of 2 samples)" and list(f.worker_pids()) == ["gpu0"]
+
+    # The fake NVML lists the worker's process holding 20000 MiB: what it measures after each sample.
+    data = json.loads(gpus.read_text())
+    data[0].update(memory_used_mib=20500, memory_free_mib=81920 - 20500,
+                   processes=[{"pid": f.worker_pids()["gpu0"], "used_mib": 20000, "name": "python3"}])
+    gpus.with_suffix(".tmp").write_text(json.dumps(data))
+    os.replace(gpus.with_suffix(".tmp"), gpus)
+    assert f.enqueue(video_experiment(videos={"c": ["v0"]}, prompts={"*": ["wind", "rain"]}))["enqueued"] == 2
+
+    # 81920 - 500 (colleagues') - 8192 (10 % margin) = 73228 MiB usable: 3 slots of 20000.
+    wait_for(lambda: {"gpu0s1", "gpu0s2"} <= set(f.worker_pids()), 90, "two more workers on GPU 0")
+    assert (e := entry(f, "gpu0")) is not None and (e.peak_mib, e.peak_samples) == (20000, 2)
+    shown = json.loads(f.fleet("gpus", "--json", check=True, **env).stdout)["gpus"][0]["placement"]
+    assert shown["slots"] == 3 and shown["text"] == (
+        "3 slots (auto: peak 19.5 GiB/sample measured over 2 samples, 71.5 GiB usable after 8.0 GiB margin)")
+    assert "gpu0s3" not in f.worker_pids() and "-> 3 slots (auto: peak" in (f.logs / "supervisor.log").read_text()

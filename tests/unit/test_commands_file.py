@@ -1,5 +1,6 @@
 """The commands kind's producer side (seed 003): the plain `cmd | mem_GB | n_gpus` file as
-written (its §7 list included), the YAML form, ids, and every bad line as one line."""
+written (its §7 list included), the YAML form, ids, and every bad line as one line; the
+error classes, and the job waiting while its GPU lacks the declared memory."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.errors import InputError
+from fleet.errors import InputError, PermanentError, WaitForResources
 from fleet.experiment import load_experiment
 from fleet.planner import payloads, plan_experiment
 from workers.command_errors import (
@@ -80,6 +81,14 @@ def test_bad_line_is_one_line_naming_it(tmp_path: Path, line: str, fault: str) -
     with pytest.raises(InputError) as e:
         load_experiment(p)
     assert fault in str(e.value) and str(p) in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_file_that_is_not_utf8_names_the_line_and_byte(tmp_path: Path) -> None:
+    p = tmp_path / "commands.txt"
+    p.write_bytes(b"\xef\xbb\xbfecho a | 0 | 0\necho caf\xe9 | 0 | 0\n")  # a BOM, then a Latin-1 line
+    with pytest.raises(InputError) as e:
+        load_experiment(p)
+    assert f"{p}: line 2: not UTF-8 (byte 0xe9)" in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_empty_file_and_repeated_command_are_refused(tmp_path: Path) -> None:
@@ -158,3 +167,28 @@ def test_substitution() -> None:
 def test_error_classes(code: int, tail: str, timed_out: bool, cls: type) -> None:
     assert classify(code, tail, timed_out) is cls
     assert cls.advice
+    # ImportError, 127 and 126 are never retried (PermanentError); the others may be.
+    never = cls in (CommandImportError, CommandNotFound, CommandNotExecutable)
+    assert issubclass(cls, PermanentError) is never
+
+
+def test_a_command_waits_while_its_gpu_lacks_the_declared_memory(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from fleet.contract import TaskPayload
+    from workers.jobs import commands as job
+    from workers.jobs.base import JobContext
+    from workers.model_cache import ModelCache
+
+    gpus = [{"index": 0, "uuid": "GPU-fake-0", "name": "FAKE", "memory_total_mib": 24000, "memory_used_mib": 20000,
+             "memory_free_mib": 4000, "utilization_pct": 90}]
+    (tmp_path / "gpus.json").write_text(json.dumps(gpus))
+    monkeypatch.setenv("FLEET_FAKE_GPUS", str(tmp_path / "gpus.json"))
+    task = TaskPayload(kind="commands", sample_id="s1", experiment="e", group="g", label="l", gpus=1,
+                       memory_mib=8 * 1024, output_path=str(tmp_path / "commands" / "x-s1.json"),
+                       output_root=str(tmp_path), body={"cmd": "touch ran", "cwd": str(tmp_path), "where": "line 1"})
+    ctx = JobContext(gpus=(0,), device="cpu", models=ModelCache(), work_dir=tmp_path / ".w", stopping=threading.Event())
+    with pytest.raises(WaitForResources, match="GPU 0 has 4000 MiB free; the command declares 8192 MiB"):
+        job.run(task, ctx)
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "logs").exists()  # nothing started, no log used

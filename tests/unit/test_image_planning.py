@@ -110,6 +110,7 @@ def test_ids_follow_what_decides_the_image(tmp_path: Path) -> None:
     (b"image_id,prompt\n1,a,b\n", "3 fields but the header has 2"),
     (b"image_id,prompt\n1,\"open\n", "malformed CSV"),
     (b"image_id,prompt\n1,caf\xe9\n", "line 2: not UTF-8"),
+    (b"\xef\xbb\xbfimage_id,prompt\n\xe9,a\n", "line 2: not UTF-8 (byte 0xe9)"),  # counted after the BOM
     (b"", "empty prompts CSV"),
     (b"image_id,prompt,prompt\n1,a,b\n", "column 'prompt' appears 2 times"),
 ])

@@ -196,7 +196,8 @@ def load_commands_file(path: Path, default_output: Path | None) -> CommandsExper
     except FileNotFoundError:
         raise InputError(f"{path}: commands file not found") from None
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 (byte offset {e.start}); save it as UTF-8") from None
+        line = e.object.count(b"\n", 0, e.start) + 1  # e.object: the bytes without their BOM
+        raise InputError(f"{path}: line {line}: not UTF-8 (byte 0x{e.object[e.start]:02x}); save it as UTF-8") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read commands file: {e.strerror or e}") from None
     base = path.resolve().parent

@@ -47,8 +47,10 @@ def _decode(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise InputError(f"{path}: line {line}: not UTF-8 (byte 0x{data[e.start]:02x}); save the CSV as UTF-8") from None
+        # e.start counts in e.object, which is the data without its BOM
+        line = e.object.count(b"\n", 0, e.start) + 1
+        bad = e.object[e.start]
+        raise InputError(f"{path}: line {line}: not UTF-8 (byte 0x{bad:02x}); save the CSV as UTF-8") from None
 
 
 def id_fault(image_id: str) -> str | None:
