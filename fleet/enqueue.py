@@ -65,6 +65,7 @@ def enqueue(
     kinds: Mapping[str, KindModules] | None = None,
     lock_timeout_s: float = LOCK_WAIT_S,
     rerun: bool = False,
+    verify_outputs: bool = False,
 ) -> EnqueueResult:
     """Publish every sample of ``exp`` that is neither done nor queued nor running.
 
@@ -73,6 +74,7 @@ def enqueue(
     One enqueue of the namespace runs at a time (a lock in Redis), so two concurrent
     enqueues of one experiment, or of two that share samples, queue each sample once.
     ``rerun``: done samples are published again too (their outputs are made anew).
+    ``verify_outputs``: stat every done output, trusting no verified folder (fleet.output_files).
     """
     keys = Keys(namespace)
     lock = client.lock(keys.enqueue_lock, timeout=LOCK_TTL_S, blocking_timeout=lock_timeout_s)
@@ -81,7 +83,8 @@ def enqueue(
                                 f"{lock_timeout_s:.0f} s; try again when it has finished")
     try:
         with bulk():
-            return _enqueue(client, keys, exp, groups, dry_run, policy, memory_classes_mib, kinds, rerun)
+            return _enqueue(client, keys, exp, groups, dry_run, policy, memory_classes_mib, kinds, rerun,
+                            verify_outputs)
     finally:
         try:
             lock.release()
@@ -92,7 +95,7 @@ def enqueue(
 def _enqueue(
     client: redis.Redis, keys: Keys, exp: Experiment, groups: list[str] | None, dry_run: bool,
     policy: PlacementPolicy | None, memory_classes_mib: list[int] | None, kinds: Mapping[str, KindModules] | None,
-    rerun: bool = False,
+    rerun: bool = False, verify_outputs: bool = False,
 ) -> EnqueueResult:
     namespace = keys.namespace
     ctx = PlanContext(client, keys, legacy_ids=has_legacy_records(client, keys))
@@ -100,7 +103,7 @@ def _enqueue(
     ids = [s.sample_id for s in plan.samples]
     outs = [s.output_path for s in plan.samples]
     drop_stale_queued(client, keys, queue_name(namespace, ""))  # a purged queue must not mean "in flight" forever
-    state = classify(client, keys, ids, outs)
+    state = classify(client, keys, ids, outs, verify_outputs)
     todo = [plan.samples[i] for i in state.todo]
     if rerun:
         busy = state.queued | state.running
@@ -159,8 +162,11 @@ def _enqueue(
     )
     # The experiments index (fleet.experiment_index), what `fleet status` lists and counts: the
     # samples hash gets the ids published now with their messages, ones published before it existed here.
-    busy = state.done | state.queued | state.running
-    adopt_published(client, keys, exp.name, [smp for smp in plan.samples if smp.sample_id in busy])
+    # (adopt_published does nothing while the hash holds as many ids as are busy: counted, not listed.)
+    n_busy = len(state.done) + len(state.queued) + len(state.running - state.done)
+    if n_busy and client.hlen(keys.experiment_samples(exp.name)) < n_busy:
+        busy = state.done | state.queued | state.running
+        adopt_published(client, keys, exp.name, [smp for smp in plan.samples if smp.sample_id in busy])
     n = publish(client, keys, items)
     note_enqueue(client, keys, exp, n)
     return EnqueueResult(len(ids), len(state.done), in_flight, n)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass
+from itertools import filterfalse
 
 import redis
 
@@ -112,14 +114,15 @@ def entry(client: redis.Redis, keys: Keys, name: str) -> ExperimentEntry | None:
     return _load(client.hget(keys.experiments, name), name)
 
 
-def published(client: redis.Redis, keys: Keys, name: str, but: Collection[str] = ()) -> dict[str, tuple[str, str]]:
+def published(client: redis.Redis, keys: Keys, name: str, but: AbstractSet[str] = frozenset()) -> dict[str, tuple[str, str]]:
     """Sample id -> (group, output path) of every sample experiment ``name`` has published,
     less those in ``but``. With ``but``, the ids are listed first (HKEYS) and only the others'
     values read: a status whose plan has every published sample reads no value at all."""
     hkey = keys.experiment_samples(name)
     out: dict[str, tuple[str, str]] = {}
     if but:
-        ids = list(set(map(bytes.decode, client.hkeys(hkey))).difference(but))  # in C: a million ids in ~0.3 s
+        # In C, and no set of a million: the ids in ``but`` are most of them (a status of a planned experiment).
+        ids = list(filterfalse(but.__contains__, map(bytes.decode, client.hkeys(hkey))))
         pairs = ((sid, v) for i in range(0, len(ids), CHUNK)
                  for sid, v in zip(ids[i : i + CHUNK], client.hmget(hkey, ids[i : i + CHUNK])))
     else:

@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import compress
 
 import redis
 from redis.commands.core import Script
@@ -37,9 +38,11 @@ class Classified:
     queued: set[str]
     running: set[str]
     todo: list[int]  # indexes into the planned list
+    files: output_files.Checked | None = None  # how the outputs of recorded samples were checked
 
 
-def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Sequence[str]) -> Classified:
+def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Sequence[str],
+             verify_all: bool = False) -> Classified:
     """Which planned samples are done (record and a file of the recorded size), queued,
     running, or still to do.
 
@@ -51,6 +54,10 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
     done. The order catches every sample in transit: queued -> running (claim) is seen by
     reading queued before running; running -> queued (requeue) and running -> done by
     the first read of running. Running means running in either read.
+
+    Outputs are checked by ``output_files.in_place``: a folder whose outputs were verified
+    and that has not changed since is trusted without a stat per file; ``verify_all`` stats
+    every file (a file changed in place is seen only then).
     """
     n = len(ids)
     running = {k.decode() for k in client.hkeys(keys.running)}
@@ -67,23 +74,22 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
             pipe.smismember(keys.done, [ids[k] for k in unsized[i : i + CHUNK]])
         flags = [d for part in pipe.execute() for d in part]
         legacy = {k for k, d in zip(unsized, flags) if d}
-    done: set[str] = set()
-    rest: list[int] = []  # not done: queued, running or to do
-    recorded = [k for k, b in enumerate(sizes) if b is not None or k in legacy]
-    found = iter(output_files.sizes([outputs[k] for k in recorded]))
-    nxt = recorded[0] if recorded else -1
-    pos = 0
-    for k, b in enumerate(sizes):
-        if k == nxt:
-            pos += 1
-            nxt = recorded[pos] if pos < len(recorded) else -1
-            size = next(found)
-            want = int(b) if b is not None else -1
-            # -1: a folder, or a record from before sizes were kept
-            if size is not None and (want < 0 or size == want):
-                done.add(ids[k])
-                continue
-        rest.append(k)
+    if n and not legacy and None not in sizes:  # every sample recorded (a re-run of a done experiment)
+        recorded: Sequence[int] = range(n)
+        files = output_files.in_place(client, keys.verified_folders, outputs, sizes, verify_all)
+    else:
+        recorded = [k for k, b in enumerate(sizes) if b is not None or k in legacy]
+        files = output_files.in_place(client, keys.verified_folders, [outputs[k] for k in recorded],
+                                      [sizes[k] for k in recorded], verify_all)  # None: a legacy record
+    done_at = list(compress(recorded, files.ok))
+    done: set[str] = set(map(ids.__getitem__, done_at))
+    if len(done_at) == n:
+        rest: list[int] = []  # not done: queued, running or to do
+    elif not done_at:
+        rest = list(range(n))
+    else:
+        settled = set(done_at)
+        rest = [k for k in range(n) if k not in settled]
     pipe = client.pipeline(transaction=False)
     present(pipe, keys.queued, [ids[k] for k in rest])
     pipe.hkeys(keys.running)
@@ -100,7 +106,7 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
             queued.add(sid)
         else:
             todo.append(k)
-    return Classified(done, queued, running & set(ids), todo)
+    return Classified(done, queued, running & set(ids) if running else set(), todo, files)
 
 
 # 1 for each field of ARGV the hash KEYS[1] has, else 0: HEXISTS over many fields in one call

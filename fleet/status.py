@@ -9,11 +9,13 @@ in the namespace, and one row per experiment of the index.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import redis
 
@@ -56,21 +58,22 @@ class Status:
 
 def experiment_status(
     client: redis.Redis, namespace: str, exp: Experiment, groups: list[str] | None = None,
-    kinds: Mapping[str, KindModules] | None = None,
+    kinds: Mapping[str, KindModules] | None = None, verify_outputs: bool = False,
 ) -> Status:
     """Counts over the experiment's planned samples (plans; decodes nothing) and the ones it
-    published that are no longer planned (see ``_count_published``)."""
+    published that are no longer planned (see ``_count_published``). ``verify_outputs``: stat
+    every done output, trusting no verified folder (fleet.output_files)."""
     with bulk():
-        return _experiment_status(client, namespace, exp, groups, kinds)
+        return _experiment_status(client, namespace, exp, groups, kinds, verify_outputs)
 
 
 def _experiment_status(client: redis.Redis, namespace: str, exp: Experiment, groups: list[str] | None,
-                       kinds: Mapping[str, KindModules] | None) -> Status:
+                       kinds: Mapping[str, KindModules] | None, verify_outputs: bool = False) -> Status:
     keys = Keys(namespace)
     legacy = has_legacy_records(client, keys)
     plan = plan_experiment(exp, groups, PlanContext(client, keys, legacy_ids=legacy), kinds)
     ids = [s.sample_id for s in plan.samples]
-    state = classify(client, keys, ids, [s.output_path for s in plan.samples])
+    state = classify(client, keys, ids, [s.output_path for s in plan.samples], verify_outputs)
     if legacy and state.todo:  # done before ids included the output root: adopted under today's id
         state.done.update(adopt_legacy_records(client, keys, [plan.samples[i] for i in state.todo]))
         state.todo = [i for i in state.todo if ids[i] not in state.done]
@@ -81,38 +84,65 @@ def _experiment_status(client: redis.Redis, namespace: str, exp: Experiment, gro
         chunk = todo_ids[i : i + 10000]
         failed.update(sid for sid, v in zip(chunk, client.hmget(keys.failed, chunk)) if v is not None)
     # Counted with set operations per group (in C): a million samples in a fraction of a second.
-    by_group: dict[str, list[str]] = {}
-    for group, sid in zip([s.group for s in plan.samples], ids):
-        by_group.setdefault(group, []).append(sid)
-    for group, members in by_group.items():
-        rest = set(members)
-        for state_name, found in (("done", state.done), ("running", state.running), ("queued", state.queued),
-                                  ("failed", failed)):  # the first state that has it wins
+    # A group's samples are runs of the plan (usually one), found without a step per sample in Python.
+    by_group: dict[str, list[tuple[int, int]]] = {}
+    at = 0
+    for group, run in groupby([s.group for s in plan.samples]):
+        m = len(list(run))
+        by_group.setdefault(group, []).append((at, at + m))
+        at += m
+    states = (("done", state.done), ("running", state.running), ("queued", state.queued), ("failed", failed))
+    if len(by_group) == 1:  # every state is of planned ids and only done and running share any: no set of them
+        (group,) = by_group
+        rest_n = len(st.sample_ids)
+        for state_name, found in (*states[:1], ("running", state.running - state.done), *states[2:]):
+            if found:
+                st.add(group, state_name, len(found))
+                rest_n -= len(found)
+        if rest_n:
+            st.pending[group] += rest_n
+    for group, spans in by_group.items() if len(by_group) > 1 else ():
+        rest = set(ids[spans[0][0] : spans[0][1]]) if len(spans) == 1 else {s for a, b in spans for s in ids[a:b]}
+        for state_name, found in states:  # the first state that has it wins
             hit = rest & found
             if hit:
                 st.add(group, state_name, len(hit))
                 rest -= hit
         if rest:
             st.pending[group] += len(rest)
-    _count_published(client, keys, exp.name, st, lambda: {s.output_path for s in plan.samples}, groups)
+    _count_published(client, keys, exp.name, st, lambda: {s.output_path for s in plan.samples}, groups,
+                     verify_outputs, ids)
     return st
 
 
 def _count_published(client: redis.Redis, keys: Keys, name: str, st: Status,
-                     planned_paths: Callable[[], set[str]], groups: list[str] | None) -> None:
+                     planned_paths: Callable[[], set[str]], groups: list[str] | None,
+                     verify_outputs: bool = False, planned_ids: Sequence[str] = ()) -> None:
     """Add to ``st`` the samples experiment ``name`` published that its plan no longer has (a
     deleted reference video, a removed row), each in the state its records give, under the
     group it was published with. Left out: ones whose output path a planned sample now writes
     (the experiment changed a parameter: that sample replaces it), ones of other groups than
-    ``groups``, and ones in no state any more (cancelled)."""
+    ``groups``, and ones in no state any more (cancelled).
+
+    The samples hash only grows (fleet.experiment_index), so while its length is the one a
+    status of the same ``planned_ids`` (in order) found wholly planned, it is not read again
+    (``Keys.index_checked``): listing a million ids is about a second here."""
     counted = st.sample_ids if st.sample_ids is not None else set()
+    seen = ""
+    if planned_ids:
+        digest = hashlib.blake2b("\n".join(planned_ids).encode("utf-8", "surrogateescape"), digest_size=16)
+        seen = f"{client.hlen(keys.experiment_samples(name))} {digest.hexdigest()}"  # its length before its ids
+        if client.hget(keys.index_checked, name) == seen.encode():
+            return
     published = experiment_index.published(client, keys, name, but=counted)
+    if not published and seen:
+        client.hset(keys.index_checked, name, seen)
     paths = planned_paths() if published else set()  # only when there are any: a million paths
     extra = [(sid, g, p) for sid, (g, p) in published.items() if p not in paths and (groups is None or g in groups)]
     if not extra:
         return
     ids = [sid for sid, _, _ in extra]
-    state = classify(client, keys, ids, [p for _, _, p in extra])
+    state = classify(client, keys, ids, [p for _, _, p in extra], verify_outputs)
     todo = [ids[i] for i in state.todo]
     failed = set()
     for i in range(0, len(todo), 10000):

@@ -200,7 +200,7 @@ class SampleRunner:
             gpus=self.gpus, device=self.device, models=self.models,
             work_dir=Path(task.output_root) / WORK_DIR_NAME / task.sample_id,
             stopping=control_hooks.sample_stop(self, task.sample_id), attempt=task.attempt, on_report=on_report,
-            threads=self.settings.torch_threads, stop_grace_s=self.settings.command_grace_s,
+            threads=self.settings.torch_threads or 1, stop_grace_s=self.settings.command_grace_s,
             defer_finish=self.settings.finish_in_background, text_cache_entries=self.settings.text_cache_entries,
         )
 
