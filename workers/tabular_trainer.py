@@ -112,9 +112,13 @@ class EpochOrder(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return max(0, -(-len(self.rows) // self.batch_size) - self.skip)
 
-    def __iter__(self):
+    def order(self) -> torch.Tensor:
+        """This epoch's rows in their order (all of them; ``skip`` is the caller's)."""
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        order = self.rows[torch.randperm(len(self.rows), generator=g)]
+        return self.rows[torch.randperm(len(self.rows), generator=g)]
+
+    def __iter__(self):
+        order = self.order()
         for start in range(self.skip * self.batch_size, len(order), self.batch_size):
             yield order[start : start + self.batch_size]
 
@@ -145,8 +149,13 @@ class _GpuBatches:
         self.table, self.sampler, self.dev = table, sampler, dev
 
     def __iter__(self):
-        for idx in self.sampler:
-            yield self.table[idx.to(self.dev, non_blocking=True)]
+        # The epoch's order copied to the device once: a copy per step from pageable memory
+        # makes the host wait for the GPU's queue each step, so the GPU idled while the host
+        # prepared the next step (32 % busy with graphed steps on an H200).
+        order = self.sampler.order().to(self.dev)
+        bs = self.sampler.batch_size
+        for start in range(self.sampler.skip * bs, len(order), bs):
+            yield self.table[order[start : start + bs]]
 
 
 @dataclass

@@ -95,7 +95,9 @@ class TrainStep:
         try:
             torch.cuda.synchronize(self.dev)
             self.opt.zero_grad(set_to_none=True)
-            with torch.cuda.graph(graph):
+            # thread_local: the DataLoader's pin-memory thread keeps pinning batches during the
+            # capture; the default (global) mode makes its CUDA calls fail the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 loss = self._forward_loss(*static, cache=False)
                 loss.backward()
                 self.opt.step()
