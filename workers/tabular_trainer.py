@@ -196,7 +196,7 @@ def train(data: TableData, settings: dict[str, Any], tc: TrainContext) -> dict[s
     mean, std = data.num[train_rows].mean(0), data.num[train_rows].std(0).clamp_min(1e-6)
     num = (data.num - mean) / std
     model = TabularNet(data.cardinalities, num.shape[1], s["embedding_dim"], s["hidden"]).to(dev)
-    graphed = graphs_possible(dev, use_scaler, s.get("cuda_graph", True))
+    graphed = graphs_possible(dev, use_scaler, s.get("cuda_graph", True), bool(s.get("data_on_gpu")))
     opt = optimizer_for(model, s, dev, graphed)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     ckpt_path = tc.run_dir / "checkpoint.pt"

@@ -29,9 +29,12 @@ log = logging.getLogger(__name__)
 WARMUP_STEPS = 3  # eager steps before capture: lets cuBLAS and the allocator settle, as the recipe asks
 
 
-def graphs_possible(device: torch.device, use_scaler: bool, wanted: bool) -> bool:
-    """Whether a run's steps can be captured: asked for, on CUDA, and without a gradient scaler."""
-    return wanted and device.type == "cuda" and not use_scaler
+def graphs_possible(device: torch.device, use_scaler: bool, wanted: bool, data_on_gpu: bool) -> bool:
+    """Whether a run's steps are captured: asked for, on CUDA, without a gradient scaler, and
+    with the table on the GPU. Beside a DataLoader (its pin-memory thread calls CUDA while the
+    capture runs) capture failed on an H200 in the default mode; thread_local mode should
+    allow it but has not been run on a GPU yet, so DataLoader runs stay eager for now."""
+    return wanted and device.type == "cuda" and not use_scaler and data_on_gpu
 
 
 class TrainStep:

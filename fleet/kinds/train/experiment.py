@@ -16,7 +16,7 @@ grid. Every error names the file and the field::
     pin_memory: true
     persistent_workers: true
     data_on_gpu: false          # true: the table in GPU memory, batches indexed there (no DataLoader)
-    cuda_graph: true            # on a GPU, the whole step captured once and replayed (bf16 or no AMP)
+    cuda_graph: true            # with data_on_gpu: the whole step captured once and replayed (bf16 or no AMP)
     use_amp: true
     amp_dtype: bf16             # bf16, or fp16 (with a gradient scaler)
     checkpoint_every_s: 300     # also at every epoch's end
@@ -58,8 +58,9 @@ class RunSettings(BaseModel):
         False, description="Keep the whole table in GPU memory and index batches there (no DataLoader): "
         "for tables that fit, the data path stops being the bottleneck")
     cuda_graph: bool = Field(
-        True, description="On a GPU, capture the whole training step once as a CUDA graph and replay it per "
-        "batch (one launch instead of ~60); not with amp_dtype fp16, whose gradient scaler steps on the host")
+        True, description="With data_on_gpu on a GPU, capture the whole training step once as a CUDA graph and "
+        "replay it per batch (one launch instead of ~60); not with amp_dtype fp16, whose gradient scaler steps "
+        "on the host")
     embedding_dim: StrictInt = Field(16, ge=1, le=1024)
     hidden: list[StrictInt] = Field(default_factory=lambda: [256, 128], min_length=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
