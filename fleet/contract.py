@@ -84,7 +84,8 @@ class Keys:
         # all verified, trusted while unchanged (fleet.output_files.in_place, the done check's cache)
         self.verified_folders = f"{ns}:verified_folders"
         # HASH experiment -> "<length of its samples hash> <digest of planned ids>": the last status of that
-        # plan found every sample the experiment published still planned (fleet.status._count_published)
+        # plan found every sample the experiment published still planned (fleet.status._count_published), or
+        # an enqueue of that plan kept it so (fleet.experiment_index.keep_checked)
         self.index_checked = f"{ns}:index_checked"
 
     # SET of series names ("<hostname>/<NVML index>") that have a GPU time series

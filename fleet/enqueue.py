@@ -21,7 +21,7 @@ from redis.exceptions import LockError
 from fleet.contract import Keys, WorkerEntry, queue_name, task_label
 from fleet.control import forget_cancelled, record_priority
 from fleet.errors import BrokerUnavailable, InputError, PlacementError
-from fleet.experiment_index import adopt_published, note_enqueue
+from fleet.experiment_index import adopt_published, keep_checked, note_enqueue
 from fleet.kept_payloads import head_id, reference
 from fleet.kinds import KindModules, registry
 from fleet.kinds.base import Experiment, PlanContext, Sample
@@ -164,11 +164,14 @@ def _enqueue(
     # samples hash gets the ids published now with their messages, ones published before it existed here.
     # (adopt_published does nothing while the hash holds as many ids as are busy: counted, not listed.)
     n_busy = len(state.done) + len(state.queued) + len(state.running - state.done)
-    if n_busy and client.hlen(keys.experiment_samples(exp.name)) < n_busy:
+    n_index = client.hlen(keys.experiment_samples(exp.name))
+    if n_busy and n_index < n_busy:
         busy = state.done | state.queued | state.running
         adopt_published(client, keys, exp.name, [smp for smp in plan.samples if smp.sample_id in busy])
     n = publish(client, keys, items)
-    note_enqueue(client, keys, exp, n)
+    entry = note_enqueue(client, keys, exp, n)
+    if entry is not None and entry.published != n_index:  # only planned ids added: status need not list them
+        keep_checked(client, keys, exp.name, ids, n_index, entry.published)
     return EnqueueResult(len(ids), len(state.done), in_flight, n)
 
 

@@ -11,9 +11,10 @@ messages, ``fleet.publisher``), read by status and export.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass
 from itertools import filterfalse
@@ -133,6 +134,23 @@ def published(client: redis.Redis, keys: Keys, name: str, but: AbstractSet[str] 
         if found is not None:
             out[sid] = found
     return out
+
+
+def plan_digest(planned_ids: Sequence[str]) -> str:
+    """A digest of a plan's ids, in order: with the samples hash's length, ``Keys.index_checked``'s
+    value (``"<length> <digest>"``) says every id the hash had then is among these."""
+    return hashlib.blake2b("\n".join(planned_ids).encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+
+
+def keep_checked(client: redis.Redis, keys: Keys, name: str, planned_ids: Sequence[str], length_before: int,
+                 length_after: int) -> None:
+    """After an enqueue that wrote only ``planned_ids`` to experiment ``name``'s samples hash
+    (``length_before`` ids before, ``length_after`` after; under the enqueue lock): when the hash
+    was wholly planned before (empty, or so checked for this plan), it still is, so the next
+    `fleet status` of this plan need not list its ids (about a second a million)."""
+    digest = plan_digest(planned_ids)
+    if length_before == 0 or client.hget(keys.index_checked, name) == f"{length_before} {digest}".encode():
+        client.hset(keys.index_checked, name, f"{length_after} {digest}")
 
 
 def _load(raw: bytes | str | None, name: str | None = None) -> ExperimentEntry | None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import compress
+from operator import not_
 
 import redis
 from redis.commands.core import Script
@@ -98,7 +99,10 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
     in_queue = [q for part in answers[:-1] for q in part]
     queued: set[str] = set()
     todo: list[int] = []
-    for k, q in zip(rest, in_queue):
+    if not running:  # the usual case, in C loops: 0.35 s a million, against 0.5 s for a step per sample in Python
+        queued = set(compress(map(ids.__getitem__, rest), in_queue))
+        todo = list(compress(rest, map(not_, in_queue)))
+    for k, q in zip(rest, in_queue) if running else ():
         sid = ids[k]
         if sid in running:
             pass

@@ -9,7 +9,6 @@ in the namespace, and one row per experiment of the index.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter
@@ -130,8 +129,7 @@ def _count_published(client: redis.Redis, keys: Keys, name: str, st: Status,
     counted = st.sample_ids if st.sample_ids is not None else set()
     seen = ""
     if planned_ids:
-        digest = hashlib.blake2b("\n".join(planned_ids).encode("utf-8", "surrogateescape"), digest_size=16)
-        seen = f"{client.hlen(keys.experiment_samples(name))} {digest.hexdigest()}"  # its length before its ids
+        seen = f"{client.hlen(keys.experiment_samples(name))} {experiment_index.plan_digest(planned_ids)}"  # length before ids
         if client.hget(keys.index_checked, name) == seen.encode():
             return
     published = experiment_index.published(client, keys, name, but=counted)

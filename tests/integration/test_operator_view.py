@@ -127,3 +127,31 @@ def test_logs_of_a_worker_and_of_a_sample_across_rotations(local_fleet: LocalFle
     assert any(f"start {a1}" in ln for ln in mine) and any(f"done {a1}" in ln for ln in mine)
     assert all(f"[{a1}] " in ln for ln in mine)  # every line the worker logged while running it is tagged
     assert f.fleet("logs", "nope").returncode == 1
+
+
+def test_status_after_enqueue_skips_the_index_check_only_while_every_published_id_is_planned(
+        fleet_ns: Fleet, tmp_path: Path) -> None:
+    """The first enqueue of a plan marks the samples hash as wholly planned (Keys.index_checked),
+    so status need not list it; an enqueue after a sample left the plan must not."""
+    from fleet.enqueue import enqueue
+    from fleet.experiment import load_experiment
+    from fleet.experiment_index import plan_digest
+    from fleet.kinds import KindModules
+    from fleet.planner import plan_experiment
+    from fleet.status import experiment_status
+
+    f = fleet_ns
+    kinds = {"touch": KindModules(planner="tests.kinds.touch", job="tests.kinds.touch")}
+
+    def run(names: list[str]) -> tuple[dict, str, str]:
+        exp = load_experiment(touch_exp(tmp_path, "ix", items(*names)), kinds=kinds)
+        enqueue(f.client, f.namespace, exp, kinds=kinds)
+        mark = (f.client.hget(f.keys.index_checked, "ix") or b"").decode()
+        st = experiment_status(f.client, f.namespace, exp, None, kinds).as_dict()
+        return st, mark, plan_digest([s.sample_id for s in plan_experiment(exp, None, None, kinds).samples])
+
+    st, mark, digest = run(["a", "b", "c"])
+    assert (st["total"], st["queued"]) == (3, 3) and mark == f"3 {digest}"
+    st, mark_b, digest_b = run(["a", "b", "d"])  # c left the plan, then d was published: c still counts
+    assert (st["total"], st["queued"]) == (4, 4)
+    assert mark_b == mark and digest_b != digest  # the enqueue did not mark the hash as wholly planned
