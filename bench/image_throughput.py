@@ -10,7 +10,8 @@ CSV are made both ways, each from a cold process:
 
 1. ``bare``: one process runs the rows with the image job, ``workers.jobs.image.run``, and
    one resident pipeline (PNGs written as a worker writes them), CUDA_VISIBLE_DEVICES=0,
-   one CPU thread for torch, one step after the other and no text cache: what seed 002's
+   the torch CPU threads a fleet worker gets by default (gpu_common.bare_threads: all the
+   host's CPUs on a GPU, 1 on the CPU), one step after the other and no text cache: what seed 002's
    per-GPU loop does.
 2. ``fleet``: ``fleet up --gpus 0`` (embedded Redis, one worker on GPU 0, Flower) in a
    private state folder, ``fleet enqueue``, wait for every record, ``fleet down``; the
