@@ -468,6 +468,8 @@ class UtilSampler(threading.Thread):
         self.samples: list[tuple[float, dict[int, int | None], dict[int, list[int]]]] = []
         self.stop_event = threading.Event()
         self.error: str | None = None
+        # The driver's own stamped samples per GPU: (unix s, percent) (see driver_util)
+        self.driver: dict[int, list[tuple[float, int]]] = defaultdict(list)
 
     def run(self) -> None:
         from fleet.gpu_inventory import NvmlInventory
@@ -478,6 +480,10 @@ class UtilSampler(threading.Thread):
                 t = time.time()
                 try:
                     snaps = inv.snapshot()
+                    for s in snaps:
+                        seen = self.driver[s.index]
+                        since = int(seen[-1][0] * 1e6) if seen else 0
+                        seen.extend((ts / 1e6, pct) for ts, pct in inv.utilization_samples(s.index, since))
                 except Exception as e:  # a flaky read must not end the benchmark
                     self.error = f"{type(e).__name__}: {e}"
                     snaps = []
@@ -497,6 +503,24 @@ class UtilSampler(threading.Thread):
             return None
         return {"mean_util_pct": round(sum(vals) / len(vals), 2), "samples": len(vals),
                 "busy_fraction": round(sum(vals) / len(vals) / 100.0, 4)}
+
+    def driver_period_s(self, gpu: int) -> float | None:
+        """The driver's sample period for ``gpu`` (median gap of its stamped samples)."""
+        ts = [t for t, _ in self.driver.get(gpu, [])]
+        gaps = sorted(b - a for a, b in zip(ts, ts[1:]) if b > a)
+        return gaps[len(gaps) // 2] if gaps else None
+
+    def driver_util(self, gpu: int, t0: float, t1: float) -> dict[str, Any] | None:
+        """Mean of the driver's samples whose whole period lies in [t0, t1]: a window's own
+        figure, where a polled reading averages over a period that may start before it."""
+        period = self.driver_period_s(gpu)
+        if period is None:
+            return None
+        vals = [u for t, u in self.driver[gpu] if t - period >= t0 and t <= t1]
+        if not vals:
+            return None
+        return {"mean_util_pct": round(sum(vals) / len(vals), 2), "samples": len(vals),
+                "period_s": round(period, 4)}
 
 
 def stage_profile(metrics: list[dict[str, Any]]) -> dict[str, float]:

@@ -90,6 +90,12 @@ class Inventory(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook; most inventories hold nothing
         """Release whatever the inventory holds (NVML handle)."""
 
+    def utilization_samples(self, index: int, since_us: int = 0) -> list[tuple[int, int]]:
+        """The driver's own utilisation samples of GPU ``index`` taken after ``since_us``:
+        (unix time in microseconds, percent busy over the driver's sample period) pairs, oldest
+        first. [] where the inventory keeps no such buffer (fakes, old drivers)."""
+        return []
+
     def __enter__(self) -> Inventory:
         return self
 
@@ -188,6 +194,22 @@ class NvmlInventory(Inventory):
             if snap is not None:
                 snaps.append(snap)
         return snaps
+
+    def utilization_samples(self, index: int, since_us: int = 0) -> list[tuple[int, int]]:
+        # nvmlDeviceGetSamples reads the driver's ring of utilisation samples, one per its
+        # internal period (1/6 s to 1 s by product), each stamped: a window shorter than the
+        # period that nvmlDeviceGetUtilizationRates averages over is then judged by the samples
+        # inside it, not by a reading that mostly covers what came before.
+        nvml = self._ensure_init()
+        if nvml is None:
+            return []
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            _, samples = nvml.nvmlDeviceGetSamples(handle, nvml.NVML_GPU_UTILIZATION_SAMPLES, since_us)
+        except nvml.NVMLError as e:  # NOT_FOUND: no sample since since_us; others: not supported
+            log.debug("NVML utilisation samples of GPU %d: %s", index, e)
+            return []
+        return sorted((int(x.timeStamp), int(x.sampleValue.uiVal)) for x in samples if x.timeStamp > since_us)
 
     def _device(self, nvml: Any, index: int) -> GpuSnapshot | None:
         def field(fn: Callable[..., T], *args: Any) -> T | None:

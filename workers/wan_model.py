@@ -14,6 +14,7 @@ from typing import Any
 
 from fleet.kinds.video.spec import ModelSpec
 from workers.pipeline_loading import DTYPES, check_files, is_out_of_memory, load_quietly, require_parts
+from workers.vae_decoding import blend_on_device
 
 __all__ = ["EXTRA_ARCHITECTURES", "is_out_of_memory", "load_pipeline"]
 
@@ -50,4 +51,8 @@ def load_pipeline(spec: ModelSpec, device: str) -> Any:
         torch_dtype=DTYPES[spec.dtype], device=device, model_configs=model_configs,
         tokenizer_config=ModelConfig(path=spec.tokenizer),
     ))
-    return require_parts(pipe, spec.name, device, ("dit", "text_encoder", "vae"))
+    pipe = require_parts(pipe, spec.name, device, ("dit", "text_encoder", "vae"))
+    # Tiles blended on the GPU, not in bf16 on the host (workers/vae_decoding.py): same frames.
+    if not blend_on_device(pipe.vae):
+        log.info("model %s: its VAE lacks diffsynth's tiling parts; tiled decoding stays diffsynth's own", spec.name)
+    return pipe
