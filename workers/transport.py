@@ -29,6 +29,8 @@ import binascii
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from numbers import Real
 from typing import Any
 
@@ -139,6 +141,26 @@ def why_not_a_task(envelope: Any) -> str | None:
     return None
 
 
+@contextmanager
+def reused_client(channel: Any, client: Any = None) -> Iterator[Any]:
+    """kombu's ``Channel.conn_or_acquire``, with one client per pool instead of one per call.
+
+    kombu makes a new redis.Redis per call, three per sample (QoS note, ack, unacked index):
+    each builds redis-py's table of some 300 response callbacks, about a sixth of a no-op
+    sample's worker CPU (docs/BENCHMARKS.md, "Fleet overhead"). A client holds no connection
+    of its own (each command takes one from the pool, a pipeline its own), so one per pool
+    serves every caller and thread; a pool kombu replaced after a connection error gets a
+    new client."""
+    if client:
+        yield client
+        return
+    pool = channel.pool
+    cached = channel._sync_client
+    if cached is None or cached.connection_pool is not pool:
+        cached = channel._sync_client = channel._create_client()
+    yield cached
+
+
 class GatedChannel(kombu_redis.Channel):
     """kombu's Redis channel, with ``why_not_a_task`` between each pop from a fleet queue and
     Celery (``why_not_a_message`` for the worker's other queues: its control queue)."""
@@ -146,6 +168,9 @@ class GatedChannel(kombu_redis.Channel):
     dead_letters_key: str | None = None  # set by install()
     queue_prefix: str | None = None  # what every fleet queue's name starts with
     worker: str = ""
+
+    _sync_client: Any = None  # conn_or_acquire's client, for the pool it was made for
+    conn_or_acquire = reused_client  # type: ignore[assignment]
 
     def basic_consume(self, queue, *args, **kwargs):
         tag = super().basic_consume(queue, *args, **kwargs)
