@@ -22,7 +22,7 @@ from operator import not_
 import redis
 from redis.commands.core import Script
 
-from fleet import control, output_files
+from fleet import bulk_reads, control, output_files
 from fleet.contract import CompletionRecord, FailureRecord, Keys, RunningEntry, task_label
 from fleet.kept_payloads import Heads, is_legacy, unkeep
 from fleet.kinds.base import Sample
@@ -62,10 +62,7 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
     """
     n = len(ids)
     running = {k.decode() for k in client.hkeys(keys.running)}
-    pipe = client.pipeline(transaction=False)
-    for i in range(0, n, CHUNK):
-        pipe.hmget(keys.done_bytes, list(ids[i : i + CHUNK]))
-    sizes = [d for part in pipe.execute() for d in part] if n else []
+    sizes = bulk_reads.hmget_chunks(client, keys.done_bytes, ids, CHUNK)  # packed in C: a million ids
     # Ids in the done set without a size: records from before sizes were kept, if there are any.
     unsized = [k for k, b in enumerate(sizes) if b is None] if has_legacy_records(client, keys) else []
     legacy: set[int] = set()
@@ -91,12 +88,8 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
     else:
         settled = set(done_at)
         rest = [k for k in range(n) if k not in settled]
-    pipe = client.pipeline(transaction=False)
-    present(pipe, keys.queued, [ids[k] for k in rest])
-    pipe.hkeys(keys.running)
-    answers = pipe.execute()
-    running.update(k.decode() for k in answers[-1])
-    in_queue = [q for part in answers[:-1] for q in part]
+    in_queue = bulk_reads.script_chunks(client, _PRESENT, keys.queued, [ids[k] for k in rest], CHUNK)
+    running.update(k.decode() for k in client.hkeys(keys.running))  # after the queued flags (above)
     queued: set[str] = set()
     todo: list[int] = []
     if not running:  # the usual case, in C loops: 0.35 s a million, against 0.5 s for a step per sample in Python

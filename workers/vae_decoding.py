@@ -2,13 +2,14 @@
 
 diffsynth's ``WanVideoVAE.tiled_decode`` decodes each spatial tile on the GPU, copies it to
 the host and blends it into a host tensor (``data_device = "cpu"``), in the pipeline's dtype:
-bf16 arithmetic on the CPU, which is slow, a copy per tile, and the GPU idle meanwhile. On
-the bench video model (832x480x33) that blend was most of the 1.9 s a sample spent in the
-VAE, time in which the GPU did nothing and the fleet's overlap could not help (the VAE is
-part of a sample's GPU stretch; docs/BENCHMARKS.md, "Overlapped finish and the stage
-profile"). Blended on the decoding device instead, the whole frame stack costs GPU memory of
-3 + 1 channels at output size (about 0.26 GB for 832x480x81 in bf16), next to nothing beside
-the model.
+bf16 arithmetic on the CPU, a copy per tile, the GPU idle meanwhile, and CPU threads taken
+from the overlapped encoding of the previous sample. Blended on the decoding device instead,
+the frame stack costs GPU memory of 3 + 1 channels at output size (about 0.26 GB for
+832x480x81 in bf16). Measured on an H200 (bench/vae_probe.py, real-architecture VAE,
+832x480x33): 1.84 s host-blended, 1.75 s GPU-blended, the same frames bit for bit; the rest
+is the tiles' own decoding (an untiled decode takes 0.68 s), which ``tiled: false`` in an
+experiment avoids where the GPU has the memory (docs/BENCHMARKS.md, "Overlapped finish and
+the stage profile").
 
 ``blend_on_device(vae)`` rebinds that one method on a loaded VAE; the arithmetic is
 diffsynth's (same tiles, masks, order and dtype), only the device of the accumulators
