@@ -65,6 +65,20 @@ def hmget_chunks(client: redis.Redis, key: str, fields: Sequence[str], chunk: in
     return [v for part in found for v in part]
 
 
+def hmget_many(client: redis.Redis, key: str, fields: Sequence[str], chunk: int) -> list[Any]:
+    """``hmget_chunks``; but many fields against a hash of far fewer (the done sizes of an
+    experiment that is mostly not done) list the hash's field names first and ask only for
+    the ones it has."""
+    if len(fields) >= FIELD_NAMES_FROM and client.hlen(key) <= len(fields) // 4:
+        names = field_names(client, key)
+        hits = [k for k, f in enumerate(fields) if f in names]
+        out: list[Any] = [None] * len(fields)
+        for k, v in zip(hits, hmget_chunks(client, key, [fields[k] for k in hits], chunk)):
+            out[k] = v
+        return out
+    return hmget_chunks(client, key, fields, chunk)
+
+
 def script_chunks(client: redis.Redis, body: str, key: str, args: Sequence[str], chunk: int) -> list[Any]:
     """Script ``body`` called with KEYS = [key] and ``chunk`` of ``args`` per call; the calls'
     replies (lists) joined in order. Loads the script when the server does not hold it."""
@@ -75,3 +89,28 @@ def script_chunks(client: redis.Redis, body: str, key: str, args: Sequence[str],
         client.script_load(body)
         found = replies(client, calls)
     return [v for part in checked(found) for v in part]
+
+
+def field_names(client: redis.Redis, key: str) -> set[str]:
+    """Every field name of hash ``key`` (HKEYS, decoded as UTF-8 by hiredis in C): one command
+    that holds the server for about 0.15 s a million fields."""
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "decode_responses": True, "encoding": "utf-8", "encoding_errors": "replace"}
+    text = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+    try:
+        return set(text.hkeys(key))
+    finally:
+        text.connection_pool.disconnect()
+
+
+def fields_present(client: redis.Redis, key: str, fields: Sequence[str], script: str, chunk: int) -> list[Any]:
+    """Whether hash ``key`` has each of ``fields``, truthy or not, in order. Many fields against a
+    hash not much larger: its field names, listed once (about 0.8 s a million against 1.1 s for a
+    script call of HEXISTS per field, most of that the server's); otherwise ``script`` (which
+    answers 0/1 per field of ARGV) over ``chunk`` fields a call."""
+    if len(fields) >= FIELD_NAMES_FROM and client.hlen(key) <= 2 * len(fields):
+        return list(map(field_names(client, key).__contains__, fields))
+    return script_chunks(client, script, key, fields, chunk)
+
+
+FIELD_NAMES_FROM = 50_000  # fewer fields: the script's cost is small either way

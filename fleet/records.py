@@ -62,7 +62,7 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
     """
     n = len(ids)
     running = {k.decode() for k in client.hkeys(keys.running)}
-    sizes = bulk_reads.hmget_chunks(client, keys.done_bytes, ids, CHUNK)  # packed in C: a million ids
+    sizes = bulk_reads.hmget_many(client, keys.done_bytes, ids, CHUNK)  # packed in C: a million ids
     # Ids in the done set without a size: records from before sizes were kept, if there are any.
     unsized = [k for k, b in enumerate(sizes) if b is None] if has_legacy_records(client, keys) else []
     legacy: set[int] = set()
@@ -88,7 +88,7 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
     else:
         settled = set(done_at)
         rest = [k for k in range(n) if k not in settled]
-    in_queue = bulk_reads.script_chunks(client, _PRESENT, keys.queued, [ids[k] for k in rest], CHUNK)
+    in_queue = bulk_reads.fields_present(client, keys.queued, [ids[k] for k in rest], _PRESENT, CHUNK)
     running.update(k.decode() for k in client.hkeys(keys.running))  # after the queued flags (above)
     queued: set[str] = set()
     todo: list[int] = []

@@ -32,3 +32,13 @@ def test_a_script_the_server_lost_is_loaded_again(own_redis) -> None:
     assert bulk_reads.script_chunks(client, _PRESENT, "h", ["a", "b"], 10) == [1, 0]
     client.script_flush()
     assert bulk_reads.script_chunks(client, _PRESENT, "h", ["b", "a"], 1) == [0, 1]
+
+
+@pytest.mark.parametrize("names_from", [5, 10**9])  # the field-names path and the per-field path
+def test_many_fields_against_a_small_hash_give_the_same_answers(fleet_ns, monkeypatch, names_from: int) -> None:
+    monkeypatch.setattr(bulk_reads, "FIELD_NAMES_FROM", names_from)
+    client, key = fleet_ns.client, f"{fleet_ns.namespace}:small"
+    client.hset(key, mapping={"b": "2", "é z": "3", "q": "4"})
+    fields = ["a", "b", "c", "é z", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o"]
+    assert bulk_reads.hmget_many(client, key, fields, 3) == [None, b"2", None, b"3"] + [None] * 12
+    assert [bool(x) for x in bulk_reads.fields_present(client, key, fields, _PRESENT, 3)] == [f in ("b", "é z") for f in fields]
