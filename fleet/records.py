@@ -204,14 +204,30 @@ def renew(client: redis.Redis, keys: Keys, sample_id: str, token: str, ttl_s: fl
 
 
 # KEYS: 1 records, 2 done, 3 done_bytes, 4 payloads, 5 failed, 6 running, 7 deliveries, 8 lease.
-# ARGV: 1 sample id, 2 the record's JSON, 3 its output's size in bytes (-1: a folder).
+# ARGV: 1 sample id, 2 the record's JSON, 3 its output's size in bytes (-1: a folder), 4 the
+# completing run's token ('': any run's). The running entry, deliveries and lease are another
+# run's when the entry holds another token (this run's lease lapsed, the reaper published the
+# sample again and another worker took it): they stay, so that run goes on as running.
 _COMPLETE = """
-local sid = ARGV[1]
+local sid, tok = ARGV[1], ARGV[4]
 redis.call('HSET', KEYS[1], sid, ARGV[2])
 redis.call('SADD', KEYS[2], sid)
 redis.call('HSET', KEYS[3], sid, ARGV[3])
 redis.call('HDEL', KEYS[4], sid)
 redis.call('HDEL', KEYS[5], sid)
+if tok ~= '' then
+  local cur = redis.call('HGET', KEYS[6], sid)
+  if cur then
+    local ok, entry = pcall(cjson.decode, cur)
+    if ok and type(entry) == 'table' and type(entry['token']) == 'string' and entry['token'] ~= tok then
+      return 2
+    end
+  end
+  local lease = redis.call('GET', KEYS[8])
+  if lease and lease ~= tok then
+    return 2
+  end
+end
 redis.call('HDEL', KEYS[6], sid)
 redis.call('HDEL', KEYS[7], sid)
 redis.call('DEL', KEYS[8])
@@ -220,19 +236,23 @@ return 1
 _complete_script: Script | None = None  # registered once: the sha is the text's, any client runs it
 
 
-def complete(client: redis.Redis, keys: Keys, record: CompletionRecord, record_json: str | None = None) -> None:
+def complete(client: redis.Redis, keys: Keys, record: CompletionRecord, record_json: str | None = None,
+             token: str | None = None) -> bool:
     """Mark done (after the output file is in place) and drop the running state, atomically
     in one script call: the record, the done set and size, and the end of the kept payload,
     failure, running entry, deliveries and lease. ``record_json``: the record already
-    serialised (by_alias), so a caller that has it does not pay for it twice."""
+    serialised (by_alias), so a caller that has it does not pay for it twice. ``token``: the
+    completing run's; when the running entry or lease is another run's, those stay (the
+    sample is done either way). False when they stayed."""
     global _complete_script
     if _complete_script is None:
         _complete_script = client.register_script(_COMPLETE)
     sid = record.sample_id
-    _complete_script(keys=[keys.records, keys.done, keys.done_bytes, keys.payloads, keys.failed, keys.running,
+    result = _complete_script(keys=[keys.records, keys.done, keys.done_bytes, keys.payloads, keys.failed, keys.running,
                            keys.deliveries, keys.lease(sid)],
-                     args=[sid, record_json or record.model_dump_json(by_alias=True), record.output_bytes],
+                     args=[sid, record_json or record.model_dump_json(by_alias=True), record.output_bytes, token or ""],
                      client=client)
+    return result == 1
 
 
 def fail(client: redis.Redis, keys: Keys, record: FailureRecord, final: bool) -> None:

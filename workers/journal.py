@@ -72,7 +72,7 @@ class Journal:
 def _apply(client: redis.Redis, keys: Keys, e: dict[str, Any]) -> None:
     op = e.get("op")
     if op == "complete":
-        records.complete(client, keys, CompletionRecord.model_validate_json(e["record"]))
+        records.complete(client, keys, CompletionRecord.model_validate_json(e["record"]), token=e.get("token"))
     elif op == "fail":
         records.fail(client, keys, FailureRecord.model_validate_json(e["failure"]), final=bool(e["final"]))
     elif op == "requeue":

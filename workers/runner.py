@@ -310,8 +310,14 @@ class SampleRunner:
         record_json = record.model_dump_json(by_alias=True)  # once, for the manifest, Redis and the journal
         manifest.append(task.output_root, record_json, task.body)  # the record, outliving Redis
         # The output is in place: a Redis outage must not make the worker forget it made it.
-        self._persist(lambda: records.complete(self.client, self.keys, record, record_json),
-                      f"the record of {task.sample_id}", "complete", record=record_json)
+        token = slot.token if slot is not None else None
+
+        def write() -> None:
+            if not records.complete(self.client, self.keys, record, record_json, token):
+                log.warning("sample %s is done, but another run has taken it meanwhile (this run's lease had "
+                            "lapsed): its running state is left to that run", task.sample_id)
+
+        self._persist(write, f"the record of {task.sample_id}", "complete", record=record_json, token=token)
         self.last_record_s = time.monotonic() - t_record
         log.info(
             "done %s in %.2fs (model %s) -> %s",
