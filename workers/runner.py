@@ -207,7 +207,8 @@ class SampleRunner:
     def _execute(self, task: TaskPayload, queue: str, deliveries: int) -> str:
         t0 = time.monotonic()
         log.info("start %s: %s %s (attempt %d)", task.sample_id, task.kind, task.label, task.attempt)
-        self.telemetry.window()  # this sample's window starts now
+        if self.gpus:
+            self.telemetry.window()  # this sample's window starts now
         try:
             job = self.jobs.job(task.kind)
             outcome = job(task, self._context(task))
