@@ -112,6 +112,7 @@ def test_ids_follow_what_decides_the_image(tmp_path: Path) -> None:
     (b"image_id,prompt\n1,caf\xe9\n", "line 2: not UTF-8"),
     (b"\xef\xbb\xbfimage_id,prompt\n\xe9,a\n", "line 2: not UTF-8 (byte 0xe9)"),  # counted after the BOM
     (b"", "empty prompts CSV"),
+    (b"image_id,prompt\r\n,\r\n", "no prompt rows after the header"),
     (b"image_id,prompt,prompt\n1,a,b\n", "column 'prompt' appears 2 times"),
 ])
 def test_bad_csv_is_one_line_naming_file_and_fault(tmp_path: Path, csv_bytes: bytes, fault: str) -> None:

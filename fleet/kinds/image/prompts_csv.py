@@ -114,4 +114,6 @@ def read_prompts_csv(path: Path) -> list[PromptRow]:
             rows.append(PromptRow(len(rows), line, image_id, prompt, neg))
     except csv.Error as e:
         raise InputError(f"{path}: line {reader.line_num}: malformed CSV: {e}") from None
+    if not rows:  # a header alone is a mistake (the wrong file, an export cut short), not an empty plan
+        raise InputError(f"{path}: no prompt rows after the header")
     return rows
