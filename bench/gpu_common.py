@@ -513,14 +513,13 @@ class UtilSampler(threading.Thread):
     def driver_util(self, gpu: int, t0: float, t1: float) -> dict[str, Any] | None:
         """Mean of the driver's samples whose whole period lies in [t0, t1]: a window's own
         figure, where a polled reading averages over a period that may start before it."""
-        period = self.driver_period_s(gpu)
-        if period is None:
-            return None
-        vals = [u for t, u in self.driver[gpu] if t - period >= t0 and t <= t1]
+        from fleet.gpu_inventory import samples_within
+
+        vals = samples_within(self.driver.get(gpu, []), t0, t1)
         if not vals:
             return None
         return {"mean_util_pct": round(sum(vals) / len(vals), 2), "samples": len(vals),
-                "period_s": round(period, 4)}
+                "period_s": round(self.driver_period_s(gpu) or 0.0, 4)}
 
 
 def stage_profile(metrics: list[dict[str, Any]]) -> dict[str, float]:

@@ -75,6 +75,18 @@ class GpuSnapshot(BaseModel):
         return self.model_dump(mode="json")
 
 
+def samples_within(samples: Sequence[tuple[float, int]], t0: float, t1: float) -> list[int]:
+    """The percents of stamped utilisation samples ((unix s, percent), oldest first, as
+    ``Inventory.utilization_samples`` gives them in seconds) whose whole period lies in
+    [t0, t1]: a sample is stamped at its period's end, and the period is the median gap
+    between samples. [] with fewer than two samples to judge the period by."""
+    gaps = sorted(b[0] - a[0] for a, b in zip(samples, samples[1:]) if b[0] > a[0])
+    if not gaps:
+        return []
+    period = gaps[len(gaps) // 2]
+    return [u for t, u in samples if t - period >= t0 - 1e-3 and t <= t1]
+
+
 def snapshots_to_json(snapshots: Sequence[GpuSnapshot]) -> str:
     """The form ``fleet gpus --json`` prints; readable back by FakeInventory."""
     return json.dumps([s.to_dict() for s in snapshots], indent=2, ensure_ascii=False)

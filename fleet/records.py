@@ -248,10 +248,11 @@ def complete(client: redis.Redis, keys: Keys, record: CompletionRecord, record_j
     if _complete_script is None:
         _complete_script = client.register_script(_COMPLETE)
     sid = record.sample_id
-    result = _complete_script(keys=[keys.records, keys.done, keys.done_bytes, keys.payloads, keys.failed, keys.running,
-                           keys.deliveries, keys.lease(sid)],
-                     args=[sid, record_json or record.model_dump_json(by_alias=True), record.output_bytes, token or ""],
-                     client=client)
+    result = _complete_script(
+        keys=[keys.records, keys.done, keys.done_bytes, keys.payloads, keys.failed, keys.running, keys.deliveries,
+              keys.lease(sid)],
+        args=[sid, record_json or record.model_dump_json(by_alias=True), record.output_bytes, token or ""],
+        client=client)
     return result == 1
 
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fleet.gpu_inventory import GpuSnapshot, Inventory, inventory_from_env
+from fleet.gpu_inventory import GpuSnapshot, Inventory, inventory_from_env, samples_within
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +110,16 @@ class GpuTelemetry:
         vals: list[int] = []
         with self._lock:
             for gpu, seen in self._driver.items():
-                gaps = sorted(b[0] - a[0] for a, b in zip(seen, seen[1:]) if b[0] > a[0])
-                if gaps:
-                    period = gaps[len(gaps) // 2]
-                    vals += [u for t, u in seen if t - period >= t0 - 1e-3 and t <= t1]
+                vals += samples_within(seen, t0, t1)
                 self._driver[gpu] = seen[-8:]  # the period of the next window's first samples
         return (round(sum(vals) / len(vals), 1), max(vals)) if vals else None
 
     def window(self) -> dict[str, Any]:
         """Figures since the last call, over the worker's GPUs: gpu_util_pct (mean) and
         gpu_util_peak_pct (from the driver's samples or the polled readings: gpu_util_source),
-        gpu_mem_mib (peak used) and gpu_mem_mean_mib, gpu_power_w (mean) and gpu_power_peak_w, gpu_temp_c (peak), gpu_samples (readings: a window shorter than the
-        interval gets the latest reading); None where nothing was read yet."""
+        gpu_mem_mib (peak used) and gpu_mem_mean_mib, gpu_power_w (mean) and gpu_power_peak_w,
+        gpu_temp_c (peak), gpu_samples (readings: a window shorter than the interval gets the
+        latest reading); None where nothing was read yet."""
         now = time.time()
         self._read_driver()
         driver = self._driver_util(self._window_start, now)
