@@ -539,7 +539,8 @@ def stage_profile(metrics: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-STAGE_ORDER = ["reference", "text", "inputs", "denoise", "vae", "convert", "encode", "write", "wait", "record_prev"]
+STAGE_ORDER = ["reference", "text", "inputs", "denoise", "vae", "convert", "decode_wait", "encode", "write", "wait",
+               "record_prev"]
 
 
 def print_profile(phases: dict[str, dict[str, Any]]) -> None:

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from workers import deferred_decode
+
 log = logging.getLogger("fleet.model")
 
 
@@ -66,5 +68,7 @@ class ModelCache:
         if self._model is None:
             return
         device = self._key[2] if self._key else "cpu"
+        # The previous sample's decode may still be running with this model (workers/deferred_decode.py).
+        deferred_decode.drain(device)
         self._key, self._model = None, None  # drop our reference; gc frees the tensors
         release_cuda_memory(device)

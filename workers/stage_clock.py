@@ -6,10 +6,12 @@ it with ``current()`` without being handed it: diffsynth's pipeline calls that c
 fleet cannot add arguments on the way. The clock is per thread, so the finish of the
 previous sample (another thread, workers/finisher.py) never charges this one.
 
-On a CUDA device every boundary synchronises the device first: kernels run after the
-Python that queues them returns, and without a sync the denoising stage would look short
-and the VAE stage would pay for it. A sync at a boundary costs only the launch latency of
-the next stage (the device is idle for microseconds), never a stage's own work.
+On a CUDA device every boundary synchronises the thread's current stream first: kernels
+run after the Python that queues them returns, and without a sync the denoising stage would
+look short and the VAE stage would pay for it. A sync at a boundary costs only the launch
+latency of the next stage (the stream is idle for microseconds), never a stage's own work.
+The stream, not the whole device: the previous sample's VAE decode runs on a stream of its
+own meanwhile (workers/deferred_decode.py), and a device-wide sync would wait for it.
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ class StageClock:
         _local.clock = self._outer
 
     def sync(self) -> None:
-        """Wait for the device's queued work (CUDA only), so that a time taken now includes it."""
+        """Wait for the work queued on this thread's current stream (CUDA only), so that a time
+        taken now includes it."""
         if self.cuda:
             import torch
 
-            torch.cuda.synchronize()
+            torch.cuda.current_stream().synchronize()
 
     def now(self) -> float:
         """A synchronised time stamp (seconds, monotonic)."""

@@ -149,7 +149,7 @@ def test_invalid_shape_is_refused_before_loading(spec: ModelSpec, tmp_path: Path
 def test_failing_pipeline_leaves_no_file(
     spec: ModelSpec, cache: ModelCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def boom(params: Any, pipe: Any) -> list:
+    def boom(params: Any, pipe: Any, defer_decode: bool = False) -> list:
         raise RuntimeError("simulated failure")
 
     monkeypatch.setattr(video_job, "_generate", boom)
@@ -176,7 +176,7 @@ def test_failing_write_leaves_no_file(
 def test_out_of_memory_becomes_retryable(
     spec: ModelSpec, cache: ModelCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def oom(params: Any, pipe: Any) -> list:
+    def oom(params: Any, pipe: Any, defer_decode: bool = False) -> list:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     class ResidentOnGpu:  # pretends the model is resident on a GPU this machine doesn't have

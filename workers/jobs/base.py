@@ -28,8 +28,10 @@ class JobOutcome:
     ``finish``: the sample's CPU tail (encoding and writing its output), left to the runner
     when the context asked for it (``JobContext.defer_finish``). It runs in the worker's
     finisher thread while the next sample computes (docs/ARCHITECTURE.md, "Overlapped
-    finish"), must put ``output_path`` in place atomically, touches no GPU, and returns
-    metrics for the record; raising fails this sample, whatever runs by then.
+    finish"), must put ``output_path`` in place atomically, and returns metrics for the
+    record; raising fails this sample, whatever runs by then. It queues no GPU work of its
+    own; it may wait for work the job queued elsewhere (a video's VAE decode runs on the
+    device's decoder beside the next sample: workers/deferred_decode.py).
     """
 
     output_path: str  # the output, in place (written atomically) once ``finish`` (if any) has run

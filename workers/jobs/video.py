@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from fleet.contract import MetricValue, TaskPayload
 from fleet.errors import InputError
 from fleet.kinds.video.spec import VideoParams
-from workers import stage_clock, text_embedding_cache
+from workers import deferred_decode, stage_clock, text_embedding_cache
 from workers.atomic_output import write_atomically
 from workers.jobs.base import JobContext, JobOutcome, finish_now, parse_params, pin_torch_threads
 from workers.pipeline_loading import out_of_memory
@@ -51,9 +52,11 @@ def _check_shape(task: TaskPayload, p: VideoParams, size_factor: int = SIZE_FACT
         raise InputError(f"sample {task.sample_id} ({task.output_path}): {'; '.join(faults)}")
 
 
-def _generate(p: VideoParams, pipe: Any) -> Any:
+def _generate(p: VideoParams, pipe: Any, defer_decode: bool = False) -> Any:
     """Run the pipeline for the sample's parameters; returns the frames on the host as one
-    (frames, height, width, 3) uint8 array. Stages go to the current StageClock."""
+    (frames, height, width, 3) uint8 array; with ``defer_decode`` the decode still to do
+    (a workers.deferred_decode.PendingDecode; the pipeline's own output when it decoded
+    anyway). Stages go to the current StageClock."""
     kwargs: dict[str, Any] = {}
     with stage_clock.ensure() as clock:
         if p.mode == "motion":
@@ -61,20 +64,24 @@ def _generate(p: VideoParams, pipe: Any) -> Any:
             with clock.timed("reference"):
                 kwargs["input_video"] = load_frames(Path(p.video_path), p.width, p.height, p.frames)
             kwargs["denoising_strength"] = p.denoising_strength
-        video = stage_clock.timed_call(lambda progress: pipe(
-            prompt=p.prompt,
-            negative_prompt=p.negative_prompt,
-            seed=p.seed,
-            num_inference_steps=p.steps,
-            cfg_scale=p.cfg_scale,
-            height=p.height,
-            width=p.width,
-            num_frames=p.frames,
-            tiled=p.tiled,
-            progress_bar_cmd=progress,
-            output_type="floatpoint",  # the VAE's tensor: frames_from_vae converts it in one go
-            **kwargs,
-        ))
+        with deferred_decode.capturing() if defer_decode else nullcontext():
+            video = stage_clock.timed_call(lambda progress: pipe(
+                prompt=p.prompt,
+                negative_prompt=p.negative_prompt,
+                seed=p.seed,
+                num_inference_steps=p.steps,
+                cfg_scale=p.cfg_scale,
+                height=p.height,
+                width=p.width,
+                num_frames=p.frames,
+                tiled=p.tiled,
+                progress_bar_cmd=progress,
+                output_type="floatpoint",  # the VAE's tensor: frames_from_vae converts it in one go
+                **kwargs,
+            ))
+        if isinstance(video, deferred_decode.PendingDecode):
+            clock.seconds.pop("vae", None)  # the capture only: the decoder's own clock times the decode
+            return video
         with clock.timed("convert"):
             return frames_from_vae(video)
 
@@ -174,30 +181,49 @@ def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:
     _check_shape(task, p, max(SIZE_FACTOR, pipe.height_division_factor, pipe.width_division_factor))
     text_embedding_cache.install(pipe, identity, "WanVideoUnit_PromptEmbedder", ignored=frozenset({"positive"}),
                                  capacity=ctx.text_cache_entries)
+    # With the finish deferred, the VAE decode goes to the device's decoder too: it runs
+    # beside the next sample's denoising (workers/deferred_decode.py).
+    defer_decode = ctx.defer_finish and deferred_decode.install(pipe)
+    shape = f"{p.width}x{p.height}x{p.frames}"
+
+    def translated(exc: Exception) -> Exception:
+        oom = out_of_memory(exc, task.sample_id, shape, task.memory_mib, device)
+        return exc if oom is None else oom
 
     with StageClock(device, on_step=lambda i, n: ctx.report(progress=i / n)) as clock:
         t_gen = time.perf_counter()
         try:
-            frames = _generate(p, pipe)
+            made = _generate(p, pipe, defer_decode)
+            decoding = (deferred_decode.decoder(device).submit(made, frames_from_vae)
+                        if isinstance(made, deferred_decode.PendingDecode) else None)
         except Exception as exc:
-            oom = out_of_memory(exc, task.sample_id, f"{p.width}x{p.height}x{p.frames}", task.memory_mib, device)
-            if oom is None:
-                raise
-            raise oom from exc
+            raise translated(exc) from exc
         generate_s = time.perf_counter() - t_gen
-    count, height, width = frames.shape[:3]
+    # The decoder holds a pending decode's latents until they are decoded; else these are the frames.
+    host_frames = None if decoding is not None else made
+    del made
+    metrics: dict[str, MetricValue] = {"generate_s": round(generate_s, 4), **clock.metrics()}
 
     def finish() -> dict[str, MetricValue]:
+        extra: dict[str, MetricValue] = {}
+        frames = host_frames
+        if decoding is not None:
+            t_wait = time.perf_counter()
+            try:
+                frames, stages = decoding.result()
+            except Exception as exc:
+                raise translated(exc) from exc
+            extra.update(stages, stage_decode_wait_s=round(time.perf_counter() - t_wait, 4))
+        count, height, width = frames.shape[:3]
+        extra.update(frames=count, width=width, height=height)
         t_write = time.perf_counter()
         encode_s = write_video_atomically(frames, final, p.fps)
         end = time.perf_counter()
         log.info("sample %s: wrote %s (%d frames %dx%d); encoded in %.2f s, %.2f s after its start",
                  task.sample_id, final, count, width, height, end - t_write, end - start)
-        return {"write_s": round(end - t_write, 4), "stage_encode_s": round(encode_s, 4),
+        return {**extra, "write_s": round(end - t_write, 4), "stage_encode_s": round(encode_s, 4),
                 "stage_write_s": round(end - t_write - encode_s, 4)}
 
     return finish_now(JobOutcome(
-        output_path=str(final), model_loaded=loaded, model_load_s=load_s, finish=finish,
-        metrics={"frames": count, "width": width, "height": height, "generate_s": round(generate_s, 4),
-                 **clock.metrics()},
+        output_path=str(final), model_loaded=loaded, model_load_s=load_s, finish=finish, metrics=metrics,
     ), ctx)
