@@ -155,7 +155,9 @@ class Decoder:
 
         with torch.cuda.device(self.device):
             if self._stream is None:
-                self._stream = torch.cuda.Stream(self.device)
+                # High priority: the decode is the pipeline's longest stage, the denoising
+                # beside it fills the SMs the decode leaves idle.
+                self._stream = torch.cuda.Stream(self.device, priority=-1)
             self._stream.wait_event(ready)
             with torch.cuda.stream(self._stream):
                 yield
