@@ -54,22 +54,26 @@ class PendingDecode:
 
 
 class _Wrapping:
-    """The VAE's own ``decode`` and ``encode`` and the lock that makes them take turns."""
+    """The VAE's own ``decode`` and ``encode``, the lock that makes them take turns, and
+    whether decodes may still be deferred (``stop_deferring``)."""
 
     def __init__(self, vae: Any) -> None:
         self.lock = threading.Lock()
         self.decode = vae.decode
         self.encode = vae.encode
+        self.deferring = True
 
 
 def install(pipe: Any) -> bool:
-    """Wrap ``pipe.vae``'s decode (captured inside ``capturing()``) and encode (locked); False,
-    nothing changed, when the pipeline has no such VAE."""
+    """Wrap ``pipe.vae``'s decode (captured inside ``capturing()``) and encode (locked). True
+    when the pipeline's decodes may be deferred; False when it has no such VAE (nothing
+    changed) or ``stop_deferring`` was called for it."""
     vae = getattr(pipe, "vae", None)
     if vae is None or not callable(getattr(vae, "decode", None)) or not callable(getattr(vae, "encode", None)):
         return False
-    if getattr(vae, ATTRIBUTE, None) is not None:
-        return True
+    found: _Wrapping | None = getattr(vae, ATTRIBUTE, None)
+    if found is not None:
+        return found.deferring
     w = _Wrapping(vae)
 
     def decode(latents: Any, *args: Any, **kwargs: Any) -> Any:
@@ -84,6 +88,17 @@ def install(pipe: Any) -> bool:
 
     vae.decode, vae.encode = decode, encode
     setattr(vae, ATTRIBUTE, w)
+    return True
+
+
+def stop_deferring(pipe: Any) -> bool:
+    """Decode ``pipe``'s samples in place from now on: a decode beside the next denoising
+    needs both at once in GPU memory, and after running out of it the worker trades the
+    overlap for the memory. True when it was deferring until now."""
+    w: _Wrapping | None = getattr(getattr(pipe, "vae", None), ATTRIBUTE, None)
+    if w is None or not w.deferring:
+        return False
+    w.deferring = False
     return True
 
 

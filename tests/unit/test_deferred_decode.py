@@ -149,8 +149,9 @@ def test_deferred_decodes_give_the_in_place_files(spec: ModelSpec, cache: ModelC
 
 
 def test_out_of_memory_in_a_deferred_decode_fails_that_sample(
-    spec: ModelSpec, cache: ModelCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spec: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    cache = ModelCache()  # its own pipeline: this one stops deferring
     out = tmp_path / "oom.mp4"
     outcome = video_job.run(make_task(spec, out, memory_mib=123), deferring_context(cache, tmp_path))
     pipe = cache.get("video", spec.model_dump_json(), "cpu", lambda: None)[0]
@@ -169,3 +170,10 @@ def test_out_of_memory_in_a_deferred_decode_fails_that_sample(
     with pytest.raises(GpuOutOfMemory, match="123 MiB") as info:
         failing.finish()
     assert info.value.retryable and not second.exists() and out.exists()
+    # The overlap needs the decode's memory beside the denoising's: after an OOM the worker
+    # decodes in place (its retry included).
+    monkeypatch.undo()
+    third = tmp_path / "after.mp4"
+    in_place = video_job.run(make_task(spec, third), deferring_context(cache, tmp_path))
+    assert "stage_vae_s" in in_place.metrics and in_place.finish is not None
+    assert "stage_decode_wait_s" not in in_place.finish() and third.exists()

@@ -188,7 +188,12 @@ def run(task: TaskPayload, ctx: JobContext) -> JobOutcome:
 
     def translated(exc: Exception) -> Exception:
         oom = out_of_memory(exc, task.sample_id, shape, task.memory_mib, device)
-        return exc if oom is None else oom
+        if oom is None:
+            return exc
+        if defer_decode and deferred_decode.stop_deferring(pipe):
+            log.warning("sample %s ran out of GPU memory with a decode beside a denoising; this worker decodes "
+                        "in place from now on", task.sample_id)
+        return oom
 
     with StageClock(device, on_step=lambda i, n: ctx.report(progress=i / n)) as clock:
         t_gen = time.perf_counter()
