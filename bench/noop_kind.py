@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fleet.errors import InputError
-from fleet.kinds.base import Plan, PlanContext, Sample
+from fleet.kinds.base import Columns, Plan, PlanContext, Sample
 
 
 class NoopExperiment(BaseModel):
@@ -68,9 +69,13 @@ class NoopKind:
             folder = f"{root}/{k:04d}/"
             outs += [f"{folder}{i:07d}.out" for i in range(k * 1000, min(n, k * 1000 + 1000))]
         ids = [f"{i:012x}{tag}" for i in range(n)]
-        labels = [f"noop {i}" for i in range(n)]
-        samples = list(map(Sample, ids, repeat("noop"), labels, outs, repeat({}), repeat(0), repeat(0)))
-        return Plan(exp, samples, {})
+
+        def make(at: Sequence[int]) -> list[Sample]:  # only the samples the core publishes or shows
+            return list(map(Sample, map(ids.__getitem__, at), repeat("noop"), [f"noop {i}" for i in at],
+                            map(outs.__getitem__, at), repeat({}), repeat(0), repeat(0)))
+
+        # Columns: a status or a re-run makes no Sample (fleet.kinds.base.Columns).
+        return Plan(exp, shared={}, columns=Columns(ids, ["noop"] * n, outs, make))
 
     def check(self, plan: Plan, todo: list[Sample], ctx: PlanContext) -> None:
         return None

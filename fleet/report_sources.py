@@ -82,7 +82,7 @@ def collect(client: redis.Redis | None, namespace: str, exp: Experiment,
     """Read the experiment's report input; ``client`` None: from its plan and manifest only."""
     keys = Keys(namespace)
     plan = plan_experiment(exp, None, PlanContext(client, keys if client is not None else None), kinds)
-    group_of = {s.sample_id: s.group for s in plan.samples}
+    group_of = dict(zip(plan.ids, plan.groups))
     ids = list(group_of)
     in_manifest = {sid: r for sid, r in manifest.records(exp.output).items() if sid in group_of}
     in_redis = redis_records(client, keys, ids) if client is not None else {}

@@ -71,10 +71,10 @@ def _experiment_status(client: redis.Redis, namespace: str, exp: Experiment, gro
     keys = Keys(namespace)
     legacy = has_legacy_records(client, keys)
     plan = plan_experiment(exp, groups, PlanContext(client, keys, legacy_ids=legacy), kinds)
-    ids = [s.sample_id for s in plan.samples]
-    state = classify(client, keys, ids, [s.output_path for s in plan.samples], verify_outputs)
+    ids = plan.ids  # columns: no Sample is made for status
+    state = classify(client, keys, ids, plan.outputs, verify_outputs)
     if legacy and state.todo:  # done before ids included the output root: adopted under today's id
-        state.done.update(adopt_legacy_records(client, keys, [plan.samples[i] for i in state.todo]))
+        state.done.update(adopt_legacy_records(client, keys, plan.at(state.todo)))
         state.todo = [i for i in state.todo if ids[i] not in state.done]
     st = Status(sample_ids=set(ids))
     todo_ids = [ids[i] for i in state.todo]
@@ -86,7 +86,7 @@ def _experiment_status(client: redis.Redis, namespace: str, exp: Experiment, gro
     # A group's samples are runs of the plan (usually one), found without a step per sample in Python.
     by_group: dict[str, list[tuple[int, int]]] = {}
     at = 0
-    for group, run in groupby([s.group for s in plan.samples]):
+    for group, run in groupby(plan.groups):
         m = len(list(run))
         by_group.setdefault(group, []).append((at, at + m))
         at += m
@@ -109,7 +109,7 @@ def _experiment_status(client: redis.Redis, namespace: str, exp: Experiment, gro
                 rest -= hit
         if rest:
             st.pending[group] += len(rest)
-    _count_published(client, keys, exp.name, st, lambda: {s.output_path for s in plan.samples}, groups,
+    _count_published(client, keys, exp.name, st, lambda: set(plan.outputs), groups,
                      verify_outputs, ids)
     return st
 

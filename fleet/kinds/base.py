@@ -7,8 +7,9 @@ sample's ``body``: it hashes nothing, routes by ``gpus`` and ``memory_mib``, cou
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -97,13 +98,74 @@ class Experiment(Protocol):
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Every sample of an experiment, in a stable order, and what they all share."""
+class Columns:
+    """A plan's samples as columns, for a kind of very many uniform samples: what the done
+    check and ``fleet status`` read of every sample (ids, groups, output paths), and
+    ``make(indexes)`` for the ``Sample`` objects of the few the core publishes or shows.
+    A status or a re-run of a million samples then builds no object per sample."""
 
-    experiment: Experiment
-    samples: list[Sample]
-    shared: dict[str, Any] = field(default_factory=dict)  # the kind's parameters common to every sample
-    extra: Any = None  # the kind's own planning by-products (e.g. video content ids, for its input checks)
+    ids: list[str]
+    groups: list[str]
+    outputs: list[str]
+    make: Callable[[Sequence[int]], list[Sample]]  # the samples at these indexes, in their order
+
+
+class Plan:
+    """Every sample of an experiment, in a stable order, and what they all share.
+
+    ``samples`` (a list) or ``columns`` (fleet.kinds.base.Columns) gives the samples; the core
+    reads ``ids``, ``groups`` and ``outputs`` (lists, in plan order) and ``at(indexes)``, which
+    need no ``Sample`` per sample when the kind gave columns; ``samples`` makes them all."""
+
+    __slots__ = ("experiment", "shared", "extra", "_samples", "_columns", "_derived")
+
+    def __init__(self, experiment: Experiment, samples: list[Sample] | None = None,
+                 shared: dict[str, Any] | None = None, extra: Any = None, columns: Columns | None = None) -> None:
+        self.experiment = experiment
+        self.shared: dict[str, Any] = shared if shared is not None else {}  # the kind's parameters common to every sample
+        self.extra = extra  # the kind's own planning by-products (e.g. video content ids, for its input checks)
+        if (samples is None) == (columns is None):
+            raise ValueError("a plan has either samples or columns")
+        self._samples = samples
+        self._columns = columns
+        self._derived: dict[str, list[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._samples) if self._samples is not None else len(self.ids)
+
+    @property
+    def samples(self) -> list[Sample]:
+        """Every sample, made now when the kind gave columns (and kept)."""
+        if self._samples is None:
+            assert self._columns is not None
+            self._samples = self._columns.make(range(len(self._columns.ids)))
+        return self._samples
+
+    def at(self, indexes: Sequence[int]) -> list[Sample]:
+        """The samples at ``indexes`` (plan order positions), in that order."""
+        if self._samples is None and self._columns is not None:
+            return self._columns.make(indexes)
+        return list(map(self.samples.__getitem__, indexes))
+
+    def _column(self, name: str, attr: str) -> list[str]:
+        if self._columns is not None:
+            return getattr(self._columns, name)
+        found = self._derived.get(name)
+        if found is None:
+            found = self._derived[name] = list(map(attrgetter(attr), self.samples))
+        return found
+
+    @property
+    def ids(self) -> list[str]:
+        return self._column("ids", "sample_id")
+
+    @property
+    def groups(self) -> list[str]:
+        return self._column("groups", "group")
+
+    @property
+    def outputs(self) -> list[str]:
+        return self._column("outputs", "output_path")
 
 
 class KindCache:

@@ -15,13 +15,14 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fleet.errors import InputError
-from fleet.kinds.base import Plan, PlanContext, Sample
+from fleet.kinds.base import Columns, Plan, PlanContext, Sample
 
 
 class Item(BaseModel):
@@ -42,6 +43,10 @@ class TouchExperiment(BaseModel):
     output: Path
     path: Path
     priority: str = "normal"  # low | normal | high | urgent (fleet.priority)
+    columns: bool = False  # plan as columns (fleet.kinds.base.Columns): Sample objects only for what is published
+
+
+MADE: list[int] = []  # how many samples each columns plan's ``make`` was asked for (this process)
 
 
 class TouchKind:
@@ -51,7 +56,8 @@ class TouchKind:
         try:
             out = path.resolve().parent / str(data.get("output", "out"))
             return TouchExperiment(name=data.get("name", path.stem), items=data.get("items", []),
-                                   output=out.resolve(), path=path.resolve(), priority=data.get("priority", "normal"))
+                                   output=out.resolve(), path=path.resolve(), priority=data.get("priority", "normal"),
+                                   columns=data.get("columns", False))
         except ValidationError as e:
             raise InputError(f"{path}: {e.errors()[0]['msg']}") from None
 
@@ -63,7 +69,15 @@ class TouchKind:
             sid = hashlib.sha256(json.dumps(["touch", str(exp.output), it.name, it.text]).encode()).hexdigest()[:32]
             samples.append(Sample(sid, it.group, f"touch {it.name}", str(exp.output / f"{it.name}.txt"),
                                   {"text": it.text, "sleep_s": it.sleep_s, "ignore_stop": it.ignore_stop, "fail": it.fail}, 0, 0))
-        return Plan(exp, samples, {"greeting": "hello"})
+        if not exp.columns:
+            return Plan(exp, samples, {"greeting": "hello"})
+
+        def make(at: Sequence[int]) -> list[Sample]:
+            MADE.append(len(at))
+            return [samples[i] for i in at]
+
+        cols = Columns([s.sample_id for s in samples], [s.group for s in samples], [s.output_path for s in samples], make)
+        return Plan(exp, shared={"greeting": "hello"}, columns=cols)
 
     def check(self, plan: Plan, todo: list[Sample], ctx: PlanContext) -> None:
         return None
