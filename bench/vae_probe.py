@@ -35,21 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from diffsynth.models.wan_video_vae import WanVideoVAE
 
-    from workers.vae_decoding import tiled_decode_on_device
+    from workers.vae_decoding import tiled_decode_on_device, tiles
 
     def batched(n: int):
         """Tiles of one shape decoded ``n`` at a time along the batch (a probe, not fleet's decode)."""
         def decode(self, hidden_states, device, tile_size, tile_stride):
             _, _, t, h_lat, w_lat = hidden_states.shape
             (size_h, size_w), (stride_h, stride_w) = tile_size, tile_stride
-            tasks = []
-            for h in range(0, h_lat, stride_h):
-                if h - stride_h >= 0 and h - stride_h + size_h >= h_lat:
-                    continue
-                for w in range(0, w_lat, stride_w):
-                    if w - stride_w >= 0 and w - stride_w + size_w >= w_lat:
-                        continue
-                    tasks.append((h, h + size_h, w, w + size_w))
+            tasks = tiles(h_lat, w_lat, tile_size, tile_stride)
             up = self.upsampling_factor
             shape = (t * 4 - 3, h_lat * up, w_lat * up)
             weight = torch.zeros((1, 1, *shape), dtype=hidden_states.dtype, device=device)
@@ -59,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
                 group = tasks[i:i + n]
                 parts = [hidden_states[:, :, :, h:h_, w:w_] for h, h_, w, w_ in group]
                 if len({x.shape for x in parts}) > 1:
-                    tiles = [self.model.decode(x.to(device), self.scale) for x in parts]
+                    decoded = [self.model.decode(x.to(device), self.scale) for x in parts]
                 else:
-                    tiles = list(self.model.decode(torch.cat(parts).to(device), self.scale).split(1))
-                for (h, h_, w, w_), tile in zip(group, tiles):
+                    decoded = list(self.model.decode(torch.cat(parts).to(device), self.scale).split(1))
+                for (h, h_, w, w_), tile in zip(group, decoded):
                     mask = self.build_mask(tile, is_bound=(h == 0, h_ >= h_lat, w == 0, w_ >= w_lat),
                                            border_width=border).to(dtype=hidden_states.dtype, device=device)
                     th, tw = h * up, w * up

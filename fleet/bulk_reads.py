@@ -70,7 +70,10 @@ def hmget_many(client: redis.Redis, key: str, fields: Sequence[str], chunk: int)
     """``hmget_chunks``; but many fields against a hash of far fewer (the done sizes of an
     experiment that is mostly not done) list the hash's field names first and ask only for
     the ones it has."""
-    if len(fields) >= FIELD_NAMES_FROM and client.hlen(key) <= len(fields) // 4:
+    size = client.hlen(key) if len(fields) >= FIELD_NAMES_FROM else -1
+    if size == 0:  # nothing recorded yet (a first status): no read at all
+        return [None] * len(fields)
+    if 0 < size <= len(fields) // 4:
         names = field_names(client, key)
         hits = list(compress(range(len(fields)), map(names.__contains__, fields)))  # C loops
         out: list[Any] = [None] * len(fields)

@@ -24,20 +24,28 @@ from typing import Any
 import torch
 
 
-def tiled_decode_on_device(vae: Any, hidden_states: torch.Tensor, device: Any, tile_size: tuple[int, int],
-                           tile_stride: tuple[int, int]) -> torch.Tensor:
-    """diffsynth 2.1's ``WanVideoVAE.tiled_decode`` with ``data_device`` = the decoding device."""
-    _, _, t, h_lat, w_lat = hidden_states.shape
-    size_h, size_w = tile_size
-    stride_h, stride_w = tile_stride
-    tasks = []
+def tiles(h_lat: int, w_lat: int, tile_size: tuple[int, int], tile_stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """diffsynth's tiles of a (h_lat, w_lat) latent, in its order: (h0, h1, w0, w1), ends past
+    the latent's edge where the last tile overhangs it."""
+    (size_h, size_w), (stride_h, stride_w) = tile_size, tile_stride
+    out = []
     for h in range(0, h_lat, stride_h):
         if h - stride_h >= 0 and h - stride_h + size_h >= h_lat:
             continue
         for w in range(0, w_lat, stride_w):
             if w - stride_w >= 0 and w - stride_w + size_w >= w_lat:
                 continue
-            tasks.append((h, h + size_h, w, w + size_w))
+            out.append((h, h + size_h, w, w + size_w))
+    return out
+
+
+def tiled_decode_on_device(vae: Any, hidden_states: torch.Tensor, device: Any, tile_size: tuple[int, int],
+                           tile_stride: tuple[int, int]) -> torch.Tensor:
+    """diffsynth 2.1's ``WanVideoVAE.tiled_decode`` with ``data_device`` = the decoding device."""
+    _, _, t, h_lat, w_lat = hidden_states.shape
+    size_h, size_w = tile_size
+    stride_h, stride_w = tile_stride
+    tasks = tiles(h_lat, w_lat, tile_size, tile_stride)
     up = vae.upsampling_factor
     out_t = t * 4 - 3
     shape = (out_t, h_lat * up, w_lat * up)
