@@ -273,8 +273,7 @@ def split_enqueue(client: redis.Redis, namespace: str, exp_path: Path) -> dict:
 
         t = time.perf_counter()
         plan = plan_experiment(exp, None)
-        ids = [s.sample_id for s in plan.samples]
-        outs = [s.output_path for s in plan.samples]
+        ids, outs = plan.ids, plan.outputs  # as enqueue reads them (columns: no Sample per sample)
         out["plan_s"] = time.perf_counter() - t
         out["plan_decodes"] = opens.take()
 
@@ -284,7 +283,7 @@ def split_enqueue(client: redis.Redis, namespace: str, exp_path: Path) -> dict:
 
         t = time.perf_counter()
         state = classify(client, keys, ids, outs)
-        todo = [plan.samples[i] for i in state.todo]
+        todo = plan.at(state.todo)
         out["classify_s"] = time.perf_counter() - t
 
         probes = keys.kind_cache("video", "probes")

@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from json.encoder import encode_basestring  # == json.dumps(str, ensure_ascii=False)
 from pathlib import Path
 from typing import Any
 
 from fleet.errors import InputError
-from fleet.kinds.base import KindCache, Plan, PlanContext, Sample
+from fleet.kinds.base import Columns, KindCache, Plan, PlanContext, Sample
 from fleet.kinds.video.dataset import ReferenceVideo, scan_dataset
 from fleet.kinds.video.experiment import VIDEO_SUFFIXES, LoadedExperiment
 from fleet.kinds.video.prompts import load_prompts
@@ -101,9 +102,13 @@ def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None, 
     out_root, size = str(exp.output), f"_{s.width}x{s.height}"
     mem, gpus = exp.memory_mib, s.gpus_per_sample
     legacy = ctx.legacy_ids
-    samples: list[Sample] = []
-    append = samples.append
-    deferred = Sample.deferred
+    # Columns (fleet.kinds.base.Columns): a status or re-run of a million samples reads these;
+    # a Sample (deferred: label and body made when read) only for the ones published or shown.
+    ids: list[str] = []
+    groups: list[str] = []
+    outs: list[str] = []
+    details: list[tuple] = []
+    old_ids: list[str] = []  # with legacy ids only: each sample's id under the old scheme
     for cat, vids in by_cat.items():
         cat_dir = os.path.join(out_root, cat)
         for v in vids:
@@ -126,14 +131,21 @@ def plan_experiment(exp: LoadedExperiment, categories: list[str] | None = None, 
                 for seed, seed_b, stem in seeds:
                     h = head.copy()
                     h.update(seed_b)
-                    aliases: tuple[str, ...] = ()
                     if old_head is not None:
                         o = old_head.copy()
                         o.update(seed_b)
-                        aliases = (o.hexdigest()[:32],)
-                    append(deferred(h.hexdigest()[:32], cat, f"{folder}{stem}{pi}.mp4", mem, gpus, aliases,
-                                    _describe, (v_ref, prompt, pi, seed)))
-    return Plan(exp, samples, shared_params(exp), extra=video_cid)
+                        old_ids.append(o.hexdigest()[:32])
+                    ids.append(h.hexdigest()[:32])
+                    groups.append(cat)
+                    outs.append(f"{folder}{stem}{pi}.mp4")
+                    details.append((v_ref, prompt, pi, seed))
+
+    def make(at: Sequence[int]) -> list[Sample]:
+        deferred = Sample.deferred
+        return [deferred(ids[i], groups[i], outs[i], mem, gpus, (old_ids[i],) if old_ids else (), _describe,
+                         details[i]) for i in at]
+
+    return Plan(exp, shared=shared_params(exp), extra=video_cid, columns=Columns(ids, groups, outs, make))
 
 
 def _describe(detail: tuple) -> tuple[str, dict[str, Any]]:
