@@ -151,18 +151,20 @@ class Decoder:
     def _run(self, pending: PendingDecode, convert: Callable[[Any], Frames], ready: Any) -> Decoded:
         import torch
 
-        with torch.no_grad(), self._on_stream(ready), StageClock(self.device) as clock:
+        with torch.no_grad(), self._on_stream(pending.latents, ready), StageClock(self.device) as clock:
             w: _Wrapping = getattr(pending.vae, ATTRIBUTE)
             with clock.timed("vae"), w.lock:
                 video = w.decode(pending.latents, **pending.kwargs)
-            pending.latents = None  # freed once decoded (after the stream's work: convert syncs it)
             with clock.timed("convert"):
-                frames = convert(video)
+                frames = convert(video)  # to the host: this stream's work is done when it returns
+            # Only now: the latents' memory (allocated on the worker's stream) must not be handed
+            # out again while this stream's queued kernels still read it.
+            pending.latents = None
             del video
             return frames, clock.metrics()
 
     @contextmanager
-    def _on_stream(self, ready: Any) -> Iterator[None]:
+    def _on_stream(self, latents: Any, ready: Any) -> Iterator[None]:
         if not self.cuda:
             yield
             return
@@ -174,6 +176,9 @@ class Decoder:
                 # beside it fills the SMs the decode leaves idle.
                 self._stream = torch.cuda.Stream(self.device, priority=-1)
             self._stream.wait_event(ready)
+            if isinstance(latents, torch.Tensor) and latents.is_cuda:
+                # Tell the caching allocator this stream uses them too (made on another stream).
+                latents.record_stream(self._stream)
             with torch.cuda.stream(self._stream):
                 yield
 
