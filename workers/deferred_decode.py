@@ -125,8 +125,6 @@ class Decoder:
         self.cuda = device.startswith("cuda")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-decode")
         self._stream: Any = None
-        self._pending: set[Future[Decoded]] = set()
-        self._lock = threading.Lock()
 
     def submit(self, pending: PendingDecode, convert: Callable[[Any], Frames]) -> Future[Decoded]:
         """Queue ``pending``'s decode, then ``convert`` of its output (on the device too, e.g.
@@ -138,15 +136,7 @@ class Decoder:
 
             ready = torch.cuda.Event()
             ready.record()  # on this thread's current stream, after the kernels that made the latents
-        future = self._pool.submit(self._run, pending, convert, ready)
-        with self._lock:
-            self._pending.add(future)
-        future.add_done_callback(self._done)
-        return future
-
-    def _done(self, future: Future[Decoded]) -> None:
-        with self._lock:
-            self._pending.discard(future)
+        return self._pool.submit(self._run, pending, convert, ready)
 
     def _run(self, pending: PendingDecode, convert: Callable[[Any], Frames], ready: Any) -> Decoded:
         import torch
@@ -183,14 +173,12 @@ class Decoder:
                 yield
 
     def drain(self, timeout_s: float | None = None) -> None:
-        """Wait until the decodes queued so far are done (their errors are their finish's)."""
-        with self._lock:
-            pending = list(self._pending)
-        for future in pending:
-            try:
-                future.exception(timeout=timeout_s)
-            except TimeoutError:
-                return
+        """Wait until the decodes queued so far are done (their errors are their finish's): the
+        one thread takes them in order, so a no-op queued now ends after them."""
+        try:
+            self._pool.submit(lambda: None).result(timeout=timeout_s)
+        except TimeoutError:
+            return
 
 
 def decoder(device: str) -> Decoder:
