@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from fleet.cli_context import handles_errors, settings_of
+from fleet.cli_context import handles_errors, settings_of, skips_teardown
 from fleet.errors import PlacementError
 from fleet.settings import CONFIG_ENV
 
@@ -54,6 +54,7 @@ def main(ctx: click.Context, config: str | None, verbosity: str | None) -> None:
               help="Stat every done output, also in folders unchanged since they were verified (catches a file "
               "truncated or overwritten in place).")
 @click.pass_context
+@skips_teardown
 @handles_errors
 def enqueue(ctx: click.Context, experiment: Path, groups: tuple[str, ...], dry_run: bool, as_json: bool,
             rerun: bool, verify_outputs: bool) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from fleet.cli_context import handles_errors, settings_of
+from fleet.cli_context import handles_errors, settings_of, skips_teardown
 from fleet.cli_control import control_status, experiment_ref, paused_line
 
 
@@ -22,6 +22,7 @@ from fleet.cli_control import control_status, experiment_ref, paused_line
 @click.option("--verify-outputs", is_flag=True,
               help="With EXPERIMENT: stat every done output, also in folders unchanged since they were verified.")
 @click.pass_context
+@skips_teardown
 @handles_errors
 def status(ctx: click.Context, experiment: Path | None, groups: tuple[str, ...], as_json: bool,
            show_failed: bool, export_csv: Path | None, verify_outputs: bool) -> None:

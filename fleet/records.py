@@ -91,21 +91,22 @@ def classify(client: redis.Redis, keys: Keys, ids: Sequence[str], outputs: Seque
         settled = set(done_at)
         rest = [k for k in range(n) if k not in settled]
     unsettled = ids if len(rest) == n else [ids[k] for k in rest]
-    in_queue = bulk_reads.fields_present(client, keys.queued, unsettled, _PRESENT, CHUNK)
+    queued = bulk_reads.fields_present(client, keys.queued, unsettled, _PRESENT, CHUNK)
     running.update(k.decode() for k in client.hkeys(keys.running))  # after the queued flags (above)
-    queued: set[str] = set()
     todo: list[int] = []
-    if not running:  # the usual case, in C loops: 0.35 s a million, against 0.5 s for a step per sample in Python
-        queued = set(compress(unsettled, in_queue))
-        todo = list(compress(rest, map(not_, in_queue)))
-    for k, q in zip(rest, in_queue) if running else ():
-        sid = ids[k]
-        if sid in running:
-            pass
-        elif q:
-            queued.add(sid)
-        else:
-            todo.append(k)
+    if not running:  # the usual case, in C loops: a million in 0.15 s when every one is queued
+        if len(queued) != len(unsettled):  # (equal: every unsettled id is queued, nothing to do)
+            todo = list(compress(rest, map(not_, map(queued.__contains__, unsettled))))
+    else:
+        found, queued = queued, set()
+        for k in rest:
+            sid = ids[k]
+            if sid in running:
+                pass
+            elif sid in found:
+                queued.add(sid)
+            else:
+                todo.append(k)
     return Classified(done, queued, running & set(ids) if running else set(), todo, files)
 
 

@@ -41,4 +41,4 @@ def test_many_fields_against_a_small_hash_give_the_same_answers(fleet_ns, monkey
     client.hset(key, mapping={"b": "2", "é z": "3", "q": "4"})
     fields = ["a", "b", "c", "é z", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o"]
     assert bulk_reads.hmget_many(client, key, fields, 3) == [None, b"2", None, b"3"] + [None] * 12
-    assert [bool(x) for x in bulk_reads.fields_present(client, key, fields, _PRESENT, 3)] == [f in ("b", "é z") for f in fields]
+    assert bulk_reads.fields_present(client, key, fields, _PRESENT, 3) == {"b", "é z"}
