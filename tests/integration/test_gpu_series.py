@@ -201,7 +201,9 @@ def test_metrics_behind_the_login_give_the_status_counts_and_gpu_gauges(local_fl
         assert code == 200
         g = _gauges(text)  # counts as fresh as the status (the cache is short here) and a GPU point
         done = g.get('fleet_samples{experiment="ops",group="items",state="done"}')
-        return g if done == 1 and f"fleet_gpu_utilization_percent{labels}" in g else None
+        # Busy as the worker's heartbeat entry says it, which names the sample at its next beat.
+        busy = g.get("fleet_workers_busy") == 1
+        return g if done == 1 and busy and f"fleet_gpu_utilization_percent{labels}" in g else None
 
     st = wait_for(settled, 60, f"2 done, 1 failed, the slow one running\n{f.log_tails()}")
     g = wait_for(scrape, 30, "counts and GPU gauges in /metrics")
