@@ -68,7 +68,9 @@ def enqueue(ctx: click.Context, experiment: Path, groups: tuple[str, ...], dry_r
     client = connect(settings)
     res = do_enqueue(client, settings.namespace, exp, list(groups) or None, dry_run=dry_run,
                      policy=settings.placement, memory_classes_mib=settings.memory_classes_mib, kinds=settings.kinds,
-                     rerun=rerun, verify_outputs=verify_outputs)
+                     rerun=rerun, verify_outputs=verify_outputs,
+                     allowed_roots=(settings.allowed_output_roots()
+                                    if settings.output_roots or settings.output_dir is not None else None))
     if as_json:
         d = res.as_dict()
         if dry_run:
@@ -129,21 +131,21 @@ def worker(ctx: click.Context, gpu: int | None, gpus: str | None, cpu: bool, slo
 @main.command()
 @click.option("--gpus", "gpu_list", help="GPU pool: 'all' or indices, e.g. 0,2,3.")
 @click.option("--exclude", help="Never use these GPUs, e.g. 3 or 1,3.")
-@click.option("--min-free-mib", type=int, help="Free memory a GPU needs.")
-@click.option("--reserve", type=int, help="GPUs to leave for colleagues (seed 003 §5.2 rule).")
+@click.option("--min-free-mib", type=click.IntRange(min=0), help="Free memory a GPU needs.")
+@click.option("--reserve", type=click.IntRange(min=0), help="GPUs to leave for colleagues (seed 003 §5.2 rule).")
 @click.option("--exclusive/--shared", default=None, help="Exclusive: only idle GPUs (util 0 %, memory < 3 %).")
-@click.option("--slots-per-gpu", type=int, help="Workers per GPU (fixed slots).")
-@click.option("--packed-mib", type=int, help="Pack slots by declared memory: floor(free / this) per GPU.")
+@click.option("--slots-per-gpu", type=click.IntRange(min=1), help="Workers per GPU (fixed slots).")
+@click.option("--packed-mib", type=click.IntRange(min=1), help="Pack slots by declared memory: floor(free / this) per GPU.")
 @click.option("--slots", "slots_mode", type=click.Choice(["fixed", "auto"]),
               help="auto: one worker per GPU measures its samples' peak memory, then as many as fit with a margin "
               "(placement.slot_margin_pct, 10 % of the GPU) are started, re-checked as colleagues come and go.")
 @click.option("--max-slots", type=int, help="Cap on packed and auto slots per GPU.")
-@click.option("--cpu-workers", type=int, help="Start this many CPU workers instead of GPU workers.")
+@click.option("--cpu-workers", type=click.IntRange(min=0), help="Start this many CPU workers instead of GPU workers.")
 @click.option("--allow-commands", is_flag=True, help="Its workers run shell commands (kind commands); off by default.")
 @click.option("--foreground", is_flag=True, help="Run the supervisor in this process, for systemd or Slurm: no "
               "daemon, SIGTERM stops the workers gracefully, exit status 1 on failure.")
 @click.option("--flower", "with_flower", is_flag=True, help="With --foreground: run Flower and /metrics too.")
-@click.option("--grace-s", type=float, default=None, help="With --foreground: seconds workers get to finish their "
+@click.option("--grace-s", type=click.FloatRange(min=0), default=None, help="With --foreground: seconds workers get to finish their "
               "sample after SIGTERM before they give it back (default 60).")
 @click.pass_context
 @handles_errors
@@ -204,7 +206,7 @@ def _indices(flag: str, text: str) -> list[int]:
 
 
 @main.command()
-@click.option("--grace-s", type=float, default=60.0, show_default=True,
+@click.option("--grace-s", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Seconds workers get to finish their sample before they are killed (it then runs again elsewhere).")
 @click.pass_context
 @handles_errors
@@ -233,8 +235,8 @@ def make_tiny_model(directory: Path, kind: str, preset: str) -> None:
 
 @main.command("make-tabular-data")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--rows", type=int, default=50_000, show_default=True, help="Rows in all.")
-@click.option("--parts", type=int, default=4, show_default=True, help="Shards: interactions_part1.csv ... partK.")
+@click.option("--rows", type=click.IntRange(min=1), default=50_000, show_default=True, help="Rows in all.")
+@click.option("--parts", type=click.IntRange(min=1), default=4, show_default=True, help="Shards: interactions_part1.csv ... partK.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @handles_errors
 def make_tabular_data(directory: Path, rows: int, parts: int, seed: int) -> None:

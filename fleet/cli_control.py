@@ -28,6 +28,24 @@ def experiment_ref(settings: FleetSettings, arg: str, need_file: bool = False) -
     return arg, None
 
 
+def require_known(client: Any, namespace: str, name: str, exp: Any, or_paused: bool = False) -> None:
+    """InputError when EXPERIMENT was given as a name (``exp`` None) that no enqueue of the
+    namespace recorded (``or_paused``: nor a pause): a typo must not act on nothing, say so
+    with exit status 0, and leave the real experiment running."""
+    if exp is not None:
+        return
+    from fleet import control, experiment_index
+    from fleet.contract import Keys
+    from fleet.errors import InputError
+
+    if experiment_index.entry(client, Keys(namespace), name) is not None:
+        return
+    if or_paused and name in control.paused(client, namespace):
+        return
+    raise InputError(f"{name}: no experiment of that name in namespace {namespace!r} "
+                     "(`fleet status` lists them; or give the experiment file)")
+
+
 def control_status(client: Any, namespace: str, exp: Any) -> dict[str, Any]:
     """What `fleet status --json` says of pauses (and of the experiment's priority)."""
     from fleet import control
@@ -63,13 +81,15 @@ def cancel(ctx: click.Context, experiment: str, groups: tuple[str, ...], as_json
     from fleet.control import cancel as do_cancel
 
     settings = settings_of(ctx)
-    name, _ = experiment_ref(settings, experiment)
-    res = do_cancel(connect(settings), settings.namespace, name, list(groups) or None)
+    name, exp = experiment_ref(settings, experiment)
+    client = connect(settings)
+    require_known(client, settings.namespace, name, exp)
+    res = do_cancel(client, settings.namespace, name, list(groups) or None)
     if as_json:
         click.echo(json.dumps(res.as_dict(), ensure_ascii=False))
         return
     which = f" (groups {', '.join(groups)})" if groups else ""
-    click.echo(f"cancelled {res.cancelled} queued samples of {name}{which} ({res.running} running will finish)")
+    click.echo(f"cancelled {res.cancelled} queued samples of {name}{which} ({res.running} running asked to stop)")
 
 
 @click.command()
@@ -84,8 +104,11 @@ def pause(ctx: click.Context, experiment: str | None, as_json: bool) -> None:
     from fleet.control import pause as do_pause
 
     settings = settings_of(ctx)
-    name = experiment_ref(settings, experiment)[0] if experiment is not None else None
-    res = do_pause(connect(settings), settings.namespace, name)
+    name, exp = experiment_ref(settings, experiment) if experiment is not None else (None, None)
+    client = connect(settings)
+    if name is not None:
+        require_known(client, settings.namespace, name, exp)
+    res = do_pause(client, settings.namespace, name)
     if as_json:
         click.echo(json.dumps(res.as_dict(), ensure_ascii=False))
         return
@@ -106,8 +129,11 @@ def resume(ctx: click.Context, experiment: str | None, as_json: bool) -> None:
     from fleet.control import resume as do_resume
 
     settings = settings_of(ctx)
-    name = experiment_ref(settings, experiment)[0] if experiment is not None else None
-    res = do_resume(connect(settings), settings.namespace, name)
+    name, exp = experiment_ref(settings, experiment) if experiment is not None else (None, None)
+    client = connect(settings)
+    if name is not None:
+        require_known(client, settings.namespace, name, exp, or_paused=True)
+    res = do_resume(client, settings.namespace, name)
     if as_json:
         click.echo(json.dumps(res.as_dict(), ensure_ascii=False))
         return

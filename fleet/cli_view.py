@@ -77,13 +77,22 @@ def status(ctx: click.Context, experiment: Path | None, groups: tuple[str, ...],
         for error_type, n in by_type(failed).items():
             example = next(f for f in failed if f.error_type == error_type)
             first = (example.message.splitlines() or [""])[0][:160]
-            console.print(f"[red]{n} x {escape(error_type)}[/red], e.g. {escape(example.label)}: {escape(first)}",
+            console.print(f"[red]{n} x {shown(error_type)}[/red], e.g. {shown(example.label)}: {shown(first)}",
                           highlight=False)
     if export_csv is not None:
         console.print(f"wrote {len(failed)} failures to {escape(str(export_csv))}", highlight=False)
     for f in failed if show_failed else []:
-        console.print(f"[red]failed[/red] {f.sample_id} {escape(f.group)} {escape(f.label)} attempt {f.attempt} on {escape(f.worker)}: "
-                      f"{f.error_type}: {escape(f.message)}", highlight=False)
+        console.print(f"[red]failed[/red] {f.sample_id} {shown(f.group)} {shown(f.label)} attempt {f.attempt} on {shown(f.worker)}: "
+                      f"{shown(f.error_type)}: {shown(f.message)}", highlight=False)
+
+
+def shown(text: str) -> str:
+    """``text`` for the terminal: rich markup escaped, and every control character but the
+    newline and tab written as an escape (``\\x1b``): a failed command's last output lines
+    may hold terminal control sequences or binary bytes."""
+    from rich.markup import escape
+
+    return escape("".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text))
 
 
 @click.command()

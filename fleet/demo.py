@@ -10,6 +10,7 @@ progress until every sample is done, prints where the outputs are, and stops the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import subprocess
@@ -129,7 +130,8 @@ def build_image_demo(directory: Path) -> Path:
         tmp.replace(prompts)
     exp = directory / "experiment.yaml"
     if not exp.exists():
-        exp.write_text(IMAGE_EXPERIMENT, encoding="utf-8")
+        exp.write_text(IMAGE_EXPERIMENT.replace("name: demo-image\n", f"name: {demo_name('demo-image', directory)}\n"),
+                       encoding="utf-8")
     return exp
 
 
@@ -143,7 +145,8 @@ def build_train_demo(directory: Path) -> Path:
         write_tabular_data(directory / "data", rows=40_000, parts=4)
     exp = directory / "experiment.yaml"
     if not exp.exists():
-        exp.write_text(TRAIN_EXPERIMENT.format(name="demo-train", epochs=3, use_amp="false"), encoding="utf-8")
+        exp.write_text(TRAIN_EXPERIMENT.format(name=demo_name("demo-train", directory), epochs=3, use_amp="false"),
+                       encoding="utf-8")
     return exp
 
 
@@ -165,8 +168,14 @@ def build_demo(directory: Path, kind: str = "video") -> Path:
         prompts.write_text(json.dumps({"*": PROMPTS}, ensure_ascii=False, indent=1), encoding="utf-8")
     exp = directory / "experiment.yaml"
     if not exp.exists():
-        exp.write_text(EXPERIMENT, encoding="utf-8")
+        exp.write_text(EXPERIMENT.replace("name: demo\n", f"name: {demo_name('demo', directory)}\n"), encoding="utf-8")
     return exp
+
+
+def demo_name(base: str, directory: Path) -> str:
+    """The demo experiment's name: ``base`` and a digest of its folder, so that demos in two
+    folders are two experiments (one name is one experiment, fleet.enqueue.check_name_free)."""
+    return f"{base}-{hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:6]}"
 
 
 def run_demo(settings: FleetSettings, directory: Path, n_workers: int, kind: str = "video") -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import redis
 from redis.exceptions import LockError
 
+from fleet import experiment_index
 from fleet.contract import Keys, WorkerEntry, queue_name, task_label
 from fleet.control import forget_cancelled, record_priority
 from fleet.errors import BrokerUnavailable, InputError, PlacementError
@@ -66,6 +67,7 @@ def enqueue(
     lock_timeout_s: float = LOCK_WAIT_S,
     rerun: bool = False,
     verify_outputs: bool = False,
+    allowed_roots: list[Path] | None = None,
 ) -> EnqueueResult:
     """Publish every sample of ``exp`` that is neither done nor queued nor running.
 
@@ -75,7 +77,12 @@ def enqueue(
     enqueues of one experiment, or of two that share samples, queue each sample once.
     ``rerun``: done samples are published again too (their outputs are made anew).
     ``verify_outputs``: stat every done output, trusting no verified folder (fleet.output_files).
+    ``allowed_roots``: the folders this fleet's workers may write under (resolved; the settings'
+    ``allowed_output_roots``): an experiment whose output lies elsewhere is refused here, before
+    anything is made or published, rather than failed sample by sample by the workers.
     """
+    if allowed_roots is not None:
+        check_output_allowed(exp, allowed_roots)
     keys = Keys(namespace)
     lock = client.lock(keys.enqueue_lock, timeout=LOCK_TTL_S, blocking_timeout=lock_timeout_s)
     if not lock.acquire():
@@ -98,6 +105,7 @@ def _enqueue(
     rerun: bool = False, verify_outputs: bool = False,
 ) -> EnqueueResult:
     namespace = keys.namespace
+    check_name_free(client, keys, exp)
     ctx = PlanContext(client, keys, legacy_ids=has_legacy_records(client, keys))
     plan = plan_experiment(exp, groups, ctx, kinds)
     ids, outs = plan.ids, plan.outputs  # columns: no Sample made for a sample that is done or in flight
@@ -114,10 +122,9 @@ def _enqueue(
     in_flight = len(state.queued) + len(state.running)
     owner_keys = [output_key(smp.output_path) for smp in todo]  # once: checked, then written
     if todo:
-        check_output_root(exp)
         check_output_owners(client, keys, exp, todo, owner_keys)
     check_inputs(plan, todo, ctx, kinds)
-    check_gpu_counts(client, keys, exp, todo)
+    check_gpu_counts(client, keys, exp, todo, registry(kinds)[exp.kind].runs_commands)
     policy = policy or PlacementPolicy()
     classes = memory_classes_mib or []
     routes: dict[tuple[str, int, int], str] = {}
@@ -127,6 +134,8 @@ def _enqueue(
             routes[need] = queue_for_sample(need[0], need[1], policy, namespace, classes, need[2], commands)
         except PlacementError as e:
             raise PlacementError(f"{exp.path}: {e}") from None
+    if todo:  # after every other check: a refused enqueue or a dry run creates no folder
+        check_output_root(exp, create=not dry_run)
     if dry_run:
         return EnqueueResult(len(ids), len(state.done), in_flight, 0, todo)
     if rerun and state.done:
@@ -174,8 +183,9 @@ def _enqueue(
     return EnqueueResult(len(ids), len(state.done), in_flight, n)
 
 
-def host_gpu_counts(client: redis.Redis, keys: Keys) -> list[int]:
-    """GPUs of each host that has a live worker (their heartbeat entries), and of this host."""
+def host_gpu_counts(client: redis.Redis, keys: Keys, with_none: bool = False) -> dict[str, int]:
+    """GPUs of each host (by name) that has a live worker (their heartbeat entries), and of this
+    host; only hosts with GPUs unless ``with_none``."""
     counts: dict[str, int] = {}
     for raw in client.hvals(keys.workers):
         try:
@@ -191,29 +201,77 @@ def host_gpu_counts(client: redis.Redis, keys: Keys) -> list[int]:
             counts[socket.gethostname()] = max(counts.get(socket.gethostname(), 0), len(inv.snapshot()))
     except Exception:  # no NVML here (a laptop, a login node): the workers' hosts decide
         pass
-    return [n for n in counts.values() if n > 0]
+    return counts if with_none else {h: n for h, n in counts.items() if n > 0}
 
 
-def check_gpu_counts(client: redis.Redis, keys: Keys, exp: Experiment, todo: list[Sample]) -> None:
+def check_gpu_counts(client: redis.Redis, keys: Keys, exp: Experiment, todo: list[Sample],
+                     commands: bool = False) -> None:
     """Refuse a sample that needs more GPUs than any known host has (hosts with live workers,
-    and this one); with no host known there is nothing to check against."""
+    and this one); with no host known there is nothing to check against. A model's sample
+    of one GPU also runs on a CPU worker (``--cpu``); a command (``commands``) is given real
+    GPUs, so one needing any is refused where every known host has none and a worker is live."""
     need = max((smp.gpus for smp in todo), default=0)
-    if need <= 1:
+    if need < 1 or (need == 1 and not commands):
         return
-    hosts = host_gpu_counts(client, keys)
+    known = host_gpu_counts(client, keys, with_none=True)
+    hosts = [n for n in known.values() if n > 0]
+    if commands and not hosts and client.hlen(keys.workers):
+        smp = next(s for s in todo if s.gpus == need)
+        raise PlacementError(f"{exp.path}: {smp.label}: needs {need} GPU(s), but no host of this fleet has a GPU "
+                             "(give it `gpus: 0`, or start a GPU worker first)")
     if hosts and need > max(hosts):
         smp = next(s for s in todo if s.gpus == need)
         raise PlacementError(f"{exp.path}: {smp.label}: needs {need} GPUs, but the largest host of this fleet "
                              f"has {max(hosts)}")
 
 
-def check_output_root(exp: Experiment) -> None:
-    """The output folder exists or can be created, and is writable; InputError otherwise."""
-    out = Path(exp.output)
+def check_name_free(client: redis.Redis, keys: Keys, exp: Experiment) -> None:
+    """Refuse a second experiment file under a name another one holds (two folders' own
+    ``experiment.yaml``, say): their samples, status, cancel and pause would be merged. The
+    same file reached by another path, or a file moved (the one of the index is gone), is
+    the same experiment."""
+    prev = experiment_index.entry(client, keys, exp.name)
+    if prev is None or prev.file == str(exp.path):
+        return
+    other = Path(prev.file)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"{exp.path}: output: cannot create {out}: {e.strerror or e}") from None
+        if not other.exists() or other.samefile(exp.path):
+            return
+    except OSError:
+        return
+    raise InputError(f"{exp.path}: experiment name {exp.name!r} is already that of {other}; "
+                     "give this one its own `name:`")
+
+
+def check_output_allowed(exp: Experiment, allowed: list[Path]) -> None:
+    """InputError unless the experiment's output folder (symlinks resolved) lies in one of
+    ``allowed``, as the workers' confinement will require (workers/confinement.py)."""
+    out = os.path.realpath(exp.output)
+    for root in map(str, allowed):
+        if out == root or out.startswith(root if root.endswith(os.sep) else root + os.sep):
+            return
+    raise InputError(f"{exp.path}: output {exp.output} is outside the folders outputs may be written under "
+                     f"({', '.join(map(str, allowed)) or 'none'}; setting output_roots or output_dir)")
+
+
+def check_output_root(exp: Experiment, create: bool = True) -> None:
+    """The output folder exists or can be created (``create``: is created), and is writable;
+    InputError otherwise. Without ``create`` (a dry run) nothing is made: the nearest folder
+    that exists must be one this process may create folders in."""
+    out = Path(exp.output)
+    if not create:
+        at = out
+        while not at.exists() and at != at.parent:
+            at = at.parent
+        if at != out and not (at.is_dir() and os.access(at, os.W_OK | os.X_OK)):
+            raise InputError(f"{exp.path}: output: cannot create {out}: {at} is not a writable folder")
+        if at != out:
+            return
+    else:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{exp.path}: output: cannot create {out}: {e.strerror or e}") from None
     if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
         raise InputError(f"{exp.path}: output: {out} is not a writable folder")
 

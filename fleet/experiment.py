@@ -29,7 +29,30 @@ def load_experiment(
     from fleet.kinds.commands import PLAIN_SUFFIXES
 
     if path.suffix.lower() in PLAIN_SUFFIXES:  # seed 003's plain commands file
-        return producer_kind("commands", kinds, where=str(path)).load_plain(path, default_output)
-    data = read_mapping(path, "experiment file", InputError)
-    kind = producer_kind(data.get("kind"), kinds, where=str(path))
-    return kind.load(path, data, default_output)
+        exp = producer_kind("commands", kinds, where=str(path)).load_plain(path, default_output)
+    else:
+        data = read_mapping(path, "experiment file", InputError)
+        kind = producer_kind(data.get("kind"), kinds, where=str(path))
+        exp = kind.load(path, data, default_output)
+    check_name(path, exp.name)
+    return exp
+
+
+def check_name(path: Path, name: str) -> None:
+    """An experiment's name is one folder name (the default output folder is ``<output_dir>/<name>``)
+    and the handle of cancel, pause and resume: no path separator, no ``.`` or ``..``, no control
+    character; InputError naming the file otherwise."""
+    bad = ""
+    if not name.strip():
+        bad = "is empty"
+    elif "/" in name or "\\" in name:
+        bad = "holds a path separator"
+    elif name in (".", ".."):
+        bad = "is not a folder name"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        bad = "holds a control character"
+    elif len(name.encode("utf-8")) > 200:
+        bad = "is longer than 200 bytes"
+    if bad:
+        raise InputError(f"{path}: name {name!r} {bad}: an experiment's name is one folder name "
+                         "(set `name:` in the file)")

@@ -276,6 +276,9 @@ class NvmlInventory(Inventory):
 _FAKE_ADAPTER = TypeAdapter(list[GpuSnapshot])
 
 
+VIEW_ONLY = ("fleet_workers", "placement")  # keys `fleet gpus --json` adds to a GPU (fleet.gpu_view)
+
+
 class FakeInventory(Inventory):
     """Snapshots from a JSON file: a list of GPU objects with GpuSnapshot's field names.
 
@@ -299,6 +302,9 @@ class FakeInventory(Inventory):
             raise ConfigError(f"{self.path}: fake GPU file is not valid JSON: {e}") from e
         if not isinstance(data, list):
             raise ConfigError(f"{self.path}: fake GPU file must hold a list of GPU objects, not {type(data).__name__}")
+        # `fleet gpus --json`'s list reads back as it is: what that view adds to each GPU (the
+        # fleet's workers on it, the placement's verdict) is the fleet's, not the GPU's.
+        data = [{k: v for k, v in g.items() if k not in VIEW_ONLY} if isinstance(g, dict) else g for g in data]
         try:
             snaps = _FAKE_ADAPTER.validate_python(data)
         except ValidationError as e:

@@ -93,10 +93,17 @@ def alive(pid: int) -> bool:
 
 
 def read_state(settings: FleetSettings) -> dict:
+    """The state file of `fleet up`, or {} when there is none or it is not one (truncated, or
+    JSON of another shape: a hand edit, another program's file); pids that are not whole
+    numbers are dropped."""
     try:
-        return json.loads(_state_file(settings).read_text())
+        state = json.loads(_state_file(settings).read_text())
     except (OSError, ValueError):
         return {}
+    if not isinstance(state, dict) or not isinstance(state.get("pids", {}), dict):
+        return {}
+    state["pids"] = {k: v for k, v in state.get("pids", {}).items() if isinstance(v, int) and v > 0}
+    return state
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -250,14 +257,18 @@ def up(settings: FleetSettings, cpu_workers: int | None = None, requested: Mappi
             if diff:
                 raise ConfigError("fleet is already up with other settings (" + "; ".join(diff) + "); run "
                                   "`fleet down` first to change them")
+            if "supervisor" in state["pids"] and "supervisor" not in live:  # killed: nobody places or restarts workers
+                raise ConfigError(f"fleet is partly up: its supervisor (pid {state['pids']['supervisor']}) has exited, "
+                                  f"{', '.join(sorted(live))} still run{'s' if len(live) == 1 else ''}; "
+                                  "run `fleet down`, then `fleet up`")
             # The state file holds the URL masked; this process's settings give the password.
             url = settings.effective_broker_url
-            url = url if mask_url(url) == state["broker_url"] else state["broker_url"]
+            url = url if mask_url(url) == state.get("broker_url", mask_url(url)) else state["broker_url"]
             restarted: tuple[str, ...] = ()
             if "redis" in state["pids"] and "redis" not in live:
                 live["redis"] = _restart_embedded_redis(settings, state)
                 restarted = ("redis",)
-            return UpInfo(True, url, state["flower_url"], live, _workers(settings), settings.logs,
+            return UpInfo(True, url, state.get("flower_url", flower_url), live, _workers(settings), settings.logs,
                           flower_login=state.get("flower_login", ""), restarted=restarted,
                           metrics_url=state.get("metrics_url", ""))
         if not cpu_workers:

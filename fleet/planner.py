@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from json.encoder import encode_basestring  # == json.dumps(str, ensure_ascii=False)
 
 from fleet.contract import TASK_SCHEMA
+from fleet.errors import InputError
 from fleet.kinds import KindModules, producer_kind
 from fleet.kinds.base import Experiment, Plan, PlanContext, Sample
 
@@ -23,8 +24,18 @@ def plan_experiment(
     exp: Experiment, groups: list[str] | None = None, ctx: PlanContext | None = None,
     kinds: Mapping[str, KindModules] | None = None,
 ) -> Plan:
-    """Every sample of ``exp`` (of ``groups`` when given), planned by its kind."""
-    return producer_kind(exp.kind, kinds, where=str(exp.path)).plan(exp, groups, ctx or PlanContext())
+    """Every sample of ``exp`` (of ``groups`` when given), planned by its kind. A group given
+    that has no sample is an InputError naming the groups there are (a typo must not plan
+    nothing and succeed)."""
+    kind = producer_kind(exp.kind, kinds, where=str(exp.path))
+    plan = kind.plan(exp, groups, ctx or PlanContext())
+    if groups:
+        missing = set(groups).difference(plan.groups)
+        if missing:
+            there = sorted(set(kind.plan(exp, None, ctx or PlanContext()).groups))
+            raise InputError(f"{exp.path}: no sample of group {', '.join(map(repr, sorted(missing)))} "
+                             f"(its groups: {', '.join(there) or 'none'})")
+    return plan
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from fleet.credentials import REDIS_PASSWORD_FILE, read_secret, with_password
 from fleet.documents import read_mapping
@@ -124,6 +124,13 @@ class FleetSettings(BaseSettings):
     def _expand(cls, v: Path | None) -> Path | None:
         return None if v is None else v.expanduser()
 
+    @field_validator("broker_url", mode="after")
+    @classmethod
+    def _broker_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a Redis URL: redis://HOST:PORT/DB, rediss://... or unix:///path")
+        return v
+
     @field_validator("output_roots", mode="after")
     @classmethod
     def _expand_roots(cls, v: list[Path]) -> list[Path]:
@@ -215,5 +222,8 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> FleetSe
         where = ".".join(str(p) for p in err["loc"]) or "settings"
         source = str(path) if path else "settings"
         raise ConfigError(f"{source}: {where}: {err['msg']}") from e
+    except SettingsError as e:  # a FLEET_* variable of a list or object field that is not JSON
+        raise ConfigError(f"settings: {e}" + ("" if e.__cause__ is None else f" ({e.__cause__})")
+                          + "; lists and objects are given as JSON, e.g. FLEET_OUTPUT_ROOTS='[\"/data/out\"]'") from None
     finally:
         _FileSource.path = None

@@ -176,7 +176,8 @@ class SampleRunner:
             self.current = Current(sid, token, task.group, task.label)
         try:
             if deliveries > self.settings.max_deliveries:
-                msg = f"started {deliveries - 1} times and its worker died each time; not starting it again"
+                msg = (f"started {deliveries - 1} times without an end: its worker died, or it waited for "
+                       "GPUs no worker that took it had; not starting it again")
                 self._fail(task, PermanentError(msg), final=True)
                 return "failed"
             if self.broken:

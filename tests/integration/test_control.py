@@ -126,7 +126,7 @@ def test_cancel_removes_queued_samples_and_nothing_publishes_them_again(fleet_ns
     res = run(f, "cancel", "doomed", "--category", "other")
     assert res == {"experiment": "doomed", "groups": ["other"], "cancelled": 1, "running": 0, "messages_removed": 1}
     r = f.fleet("cancel", str(a), check=True, **KIND_ENV)  # by file; plain text
-    assert r.stdout.strip() == "cancelled 3 queued samples of doomed (0 running will finish)"
+    assert r.stdout.strip() == "cancelled 3 queued samples of doomed (0 running asked to stop)"
 
     gone = set(ids_a.values())
     assert {m.experiment for m in waiting(f)} == {"kept"} and len(waiting(f)) == 1

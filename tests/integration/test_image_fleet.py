@@ -32,7 +32,7 @@ def experiment(root: Path, model: Path, output: str, rows: list[tuple[str, str]]
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "prompts.csv").exists():
         write_csv(root / "prompts.csv", rows)
-    doc = {"kind": "image", "name": "t2i", "prompts": "prompts.csv", "seed_start": 42, "width": 64, "height": 48,
+    doc = {"kind": "image", "name": f"t2i-{output}", "prompts": "prompts.csv", "seed_start": 42, "width": 64, "height": 48,
            "steps": 2, "cfg_scale": 4.0, "cfg_truncation_step": 1, "dtype": "fp32", "model": {"dir": str(model)},
            "output": output, **fields}
     path = root / f"{output}.yaml"

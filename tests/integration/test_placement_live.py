@@ -97,9 +97,10 @@ def test_multi_gpu_work_goes_first_on_a_group_worker(local_fleet: LocalFleet, vi
     f.fleet("up", check=True, **env)
     wait_for(lambda: entry(f, "gpu0") and entry(f, "gpu1"), 60, "a worker on each fake GPU")
 
-    single = video_experiment(videos={"one": ["a", "b"]}, prompts={"*": ["x"]}, root=tmp_path / "single")
+    single = video_experiment(videos={"one": ["a", "b"]}, prompts={"*": ["x"]}, root=tmp_path / "single",
+                              name="single")
     multi = video_experiment(videos={"two": ["m"]}, prompts={"*": ["y", "z"]}, gpus_per_sample=2,
-                             root=tmp_path / "multi")
+                             root=tmp_path / "multi", name="multi")
     assert f.enqueue(multi)["enqueued"] == 2
     assert queue_length(f.client, "fleet.q.gpus2") == 2  # every priority list (fleet.priority)
     # The single-GPU workers make way (after their sample); a worker holding both GPUs takes the work.
