@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -108,6 +109,15 @@ def test_logs_of_a_worker_and_of_a_sample_across_rotations(local_fleet: LocalFle
                               stdout=subprocess.PIPE, text=True)
     seen: list[str] = []
     threading.Thread(target=lambda: seen.extend(follow.stdout), daemon=True).start()
+
+    def following() -> bool:  # -n 0 starts at the end: lines written before it opened the log are not its
+        try:
+            return any(os.path.realpath(f"/proc/{follow.pid}/fd/{fd}") == os.path.realpath(log)
+                       for fd in os.listdir(f"/proc/{follow.pid}/fd"))
+        except OSError:
+            return False
+
+    wait_for(following, 30, "`fleet logs -f` to open the worker's log")
     f.fleet("enqueue", str(touch_exp(tmp_path, "second", items("b1", "b2", "b3", "b4", "b5"))), check=True, **small)
     wait_for(lambda: Path(f"{log}.2").exists(), 30, "the worker's log rotated again")
     f.fleet("enqueue", str(touch_exp(tmp_path, "third", items("c1"))), check=True, **small)
