@@ -250,13 +250,15 @@ def make_tabular_data(directory: Path, rows: int, parts: int, seed: int) -> None
 @main.command()
 @click.argument("kind", type=click.Choice(["video", "image", "train"]), default="video", required=False)
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Work folder (default fleet-demo, or fleet-demo-image); the experiment is left at DIR/experiment.yaml.")
-@click.option("--workers", "n_workers", type=int, default=2, show_default=True, help="CPU workers when no GPU is found.")
+              help="Work folder (default fleet-demo, fleet-demo-image or fleet-demo-train); the experiment is left at "
+              "DIR/experiment.yaml.")
+@click.option("--workers", "n_workers", type=click.IntRange(min=1), default=2, show_default=True, help="CPU workers when no GPU is found.")
 @click.pass_context
 @handles_errors
 def demo(ctx: click.Context, kind: str, directory: Path | None, n_workers: int) -> None:
     """Build a tiny model and a small experiment of KIND (video: seed 001's shape; image: a
-    prompts CSV as seed 002's), run it on a local fleet, stop it."""
+    prompts CSV as seed 002's; train: a grid of two runs on a synthetic click table, as seed
+    004's), run it on a local fleet, stop it."""
     from fleet.demo import run_demo
 
     directory = directory or Path("fleet-demo" if kind == "video" else f"fleet-demo-{kind}")
