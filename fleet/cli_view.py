@@ -60,11 +60,12 @@ def status(ctx: click.Context, experiment: Path | None, groups: tuple[str, ...],
     from rich.table import Table
 
     t = Table(title="fleet status" + (f": {escape(str(experiment))}" if experiment else ""))
-    for col in ("group", "total", "done", "queued", "running", "failed"):
+    cols = ("total", "done", "queued", "running", "failed") + (("pending",) if d.get("pending") else ())
+    for col in ("group", *cols):
         t.add_column(col, justify="left" if col == "group" else "right")
     for cat, row in d["by_group"].items():
-        t.add_row(escape(cat), *(str(row[k]) for k in ("total", "done", "queued", "running", "failed")))
-    t.add_row("[b]all[/b]", *(f"[b]{d[k]}[/b]" for k in ("total", "done", "queued", "running", "failed")))
+        t.add_row(escape(cat), *(str(row[k]) for k in cols))
+    t.add_row("[b]all[/b]", *(f"[b]{d[k]}[/b]" for k in cols))
     console = Console()
     if d.get("experiments"):
         from fleet.status import overview_table

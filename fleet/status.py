@@ -46,7 +46,9 @@ class Status:
     def as_dict(self) -> dict:
         def row(c: Counter, cat: str | None) -> dict:
             d = {s: c.get(s, 0) for s in STATES}
-            d["total"] = sum(d.values()) + (sum(self.pending.values()) if cat is None else self.pending.get(cat, 0))
+            # Planned and in no state: never enqueued (a --dry-run, a new row) or cancelled.
+            d["pending"] = sum(self.pending.values()) if cat is None else self.pending.get(cat, 0)
+            d["total"] = sum(d.values())
             return d
 
         cats = sorted(set(self.by_group) | set(self.pending))

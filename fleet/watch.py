@@ -79,13 +79,11 @@ class Watcher:
     def _frame(self, now: float, st: Status, running: dict[str, dict]) -> dict:
         d = st.as_dict()
         groups = {}
-        for g, row in d.pop("by_group").items():
-            row["pending"] = row["total"] - sum(row[s] for s in STATES)
+        for g, row in d.pop("by_group").items():  # each row has its pending (Status.as_dict)
             rate = self.records.rate(now, group=g)
             groups[g] = {**row, "rate_per_min": round(rate, 3),
                          "eta_s": _round(eta_s(row["total"] - row["done"] - row["failed"], rate))}
         rate = self.records.rate(now)
-        d["pending"] = d["total"] - sum(d[s] for s in STATES)
         return {"t": round(now, 3), **d, "rate_per_min": round(rate, 3),
                 "eta_s": _round(eta_s(d["total"] - d["done"] - d["failed"], rate)),
                 "groups": groups, "workers": self._workers(now, running)}

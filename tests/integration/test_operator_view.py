@@ -37,7 +37,7 @@ def test_status_and_export_keep_samples_whose_reference_video_is_gone(fleet_ns: 
 
     st = json.loads(f.fleet("status", str(exp), "--json", "--failed", check=True).stdout)
     assert (st["total"], st["done"], st["failed"], st["queued"], st["running"]) == (3, 2, 1, 0, 0)
-    assert st["by_group"] == {"c": {"total": 3, "done": 2, "failed": 1, "queued": 0, "running": 0}}
+    assert st["by_group"] == {"c": {"total": 3, "done": 2, "failed": 1, "queued": 0, "running": 0, "pending": 0}}
     assert [(x["error_type"], "gone" in x["label"]) for x in st["failures"]] == [("InputError", True)]
 
     # Without an experiment: one row per experiment, and the namespace's totals as before.
