@@ -156,6 +156,8 @@ def up(ctx: click.Context, gpu_list: str | None, exclude: str | None, min_free_m
     """Start Redis (embedded unless configured), one worker per usable GPU, and Flower."""
     if slots_mode is not None and packed_mib is not None:
         raise click.UsageError("--packed-mib packs by declared memory; it does not go with --slots")
+    if slots_per_gpu is not None and (packed_mib is not None or slots_mode == "auto"):
+        raise click.UsageError("--slots-per-gpu is a fixed count; it does not go with --packed-mib or --slots auto")
     if not foreground and (with_flower or grace_s is not None):
         raise click.UsageError("--flower and --grace-s go with --foreground (`fleet up` always starts Flower; "
                                "`fleet down --grace-s` stops it)")
