@@ -30,15 +30,17 @@ REDIS_URL = os.environ.get("FLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 pytestmark = pytest.mark.integration
 
 
-def wait_for(cond: Callable[[], object], timeout_s: float = 60.0, what: str = "condition", interval_s: float = 0.05) -> object:
-    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout_s``."""
+def wait_for(cond: Callable[[], object], timeout_s: float = 60.0, what: str | Callable[[], str] = "condition",
+             interval_s: float = 0.05) -> object:
+    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout_s``
+    (``what``: the text of the failure, or a function that makes it then: logs, say)."""
     deadline = time.monotonic() + timeout_s
     while True:
         v = cond()
         if v:
             return v
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what() if callable(what) else what}")
         time.sleep(interval_s)
 
 
@@ -113,6 +115,10 @@ class Fleet:
             wait_for(lambda: self.client.hexists(self.keys.workers, name) or p.poll() is not None, 60, f"worker {name}")
             assert p.poll() is None, f"worker exited: {log_path.read_text()[-2000:]}"
         return [p for _, p, _ in started]
+
+    def worker_logs(self, n: int = 2000) -> str:
+        """The last ``n`` characters of each worker log of this test (for a failure's message)."""
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-n:]}" for p in sorted(self.tmp.glob("worker*.log")))
 
     def worker_entry(self, slot: int = 0) -> WorkerEntry | None:
         raw = self.client.hget(self.keys.workers, f"cpu{slot}@{socket.gethostname()}")

@@ -89,7 +89,7 @@ def test_interrupted_run_is_finished_by_a_rerun_and_new_rows_only_add(fleet_ns: 
     assert again["planned"] == 5 and again["done"] == done and again["done"] < 5
     assert again["in_flight"] + again["enqueued"] == 5 - done
     fleet_ns.start_worker(1)
-    wait_for(lambda: fleet_ns.done_count() == 5, 240, "the rest after the re-run")
+    wait_for(lambda: fleet_ns.done_count() == 5, 240, lambda: f"the rest after the re-run\n{fleet_ns.worker_logs()}")
     assert fleet_ns.enqueue(exp)["enqueued"] == 0
     with open(root / "prompts.csv", "a", encoding="utf-8", newline="") as f:
         csv.writer(f, lineterminator="\r\n").writerows([("new1", "a new prompt"), ("new2", "another")])
