@@ -50,8 +50,10 @@ def test_a_killed_worker_s_run_resumes_from_its_checkpoint(fleet_ns: Fleet, tmp_
 
 def test_down_mid_epoch_and_up_again_continues_the_run(local_fleet, tmp_path: Path) -> None:
     f = local_fleet
-    # enough epochs that `fleet down` (a second or two) lands mid-run however fast this host trains
-    exp = experiment(tmp_path / "exp", epochs=14)
+    # enough epochs that `fleet down` (a second or two, more on a loaded host) lands mid-run however
+    # fast this host trains: with 14, a clean-clone CI run once finished before the stop reached it
+    n = 60
+    exp = experiment(tmp_path / "exp", epochs=n)
     run_dir = tmp_path / "exp" / "runs" / "run"
     f.fleet("up", "--cpu-workers", "1", check=True)
     assert f.enqueue(exp)["enqueued"] == 1
@@ -60,11 +62,11 @@ def test_down_mid_epoch_and_up_again_continues_the_run(local_fleet, tmp_path: Pa
     import torch
 
     state = torch.load(run_dir / "checkpoint.pt", weights_only=False)["state"]
-    assert 1 <= state["epoch"] < 14  # stopped mid-run (a checkpoint at its next step)
+    assert 1 <= state["epoch"] < n  # stopped mid-run (a checkpoint at its next step)
     done_before = epochs(run_dir)
     f.fleet("up", "--cpu-workers", "1", check=True)
     wait_for(lambda: f.done_count() == 1, 240, "the run to finish after fleet up")
-    assert epochs(run_dir) == list(range(1, 15)) and epochs(run_dir)[: len(done_before)] == done_before
+    assert epochs(run_dir) == list(range(1, n + 1)) and epochs(run_dir)[: len(done_before)] == done_before
     (raw,) = f.client.hvals(f.keys.records)
     rec = CompletionRecord.model_validate_json(raw)
     assert (rec.metrics["resumed_from_epoch"], rec.metrics["resumed_from_batch"]) == (state["epoch"], state["batch"])
