@@ -38,6 +38,7 @@ from fleet.records import (
     undo,
 )
 from fleet.routing import queue_for_sample
+from fleet.settings import inside
 
 LOCK_TTL_S = 120.0  # a crashed enqueue's lock frees itself after this long
 LOCK_WAIT_S = 600.0  # how long an enqueue waits for another one of the namespace
@@ -183,9 +184,9 @@ def _enqueue(
     return EnqueueResult(len(ids), len(state.done), in_flight, n)
 
 
-def host_gpu_counts(client: redis.Redis, keys: Keys, with_none: bool = False) -> dict[str, int]:
-    """GPUs of each host (by name) that has a live worker (their heartbeat entries), and of this
-    host; only hosts with GPUs unless ``with_none``."""
+def host_gpu_counts(client: redis.Redis, keys: Keys) -> list[int]:
+    """GPUs of each host that has a live worker (their heartbeat entries), and of this host
+    (0 for a host without any)."""
     counts: dict[str, int] = {}
     for raw in client.hvals(keys.workers):
         try:
@@ -201,7 +202,7 @@ def host_gpu_counts(client: redis.Redis, keys: Keys, with_none: bool = False) ->
             counts[socket.gethostname()] = max(counts.get(socket.gethostname(), 0), len(inv.snapshot()))
     except Exception:  # no NVML here (a laptop, a login node): the workers' hosts decide
         pass
-    return counts if with_none else {h: n for h, n in counts.items() if n > 0}
+    return list(counts.values())
 
 
 def check_gpu_counts(client: redis.Redis, keys: Keys, exp: Experiment, todo: list[Sample],
@@ -213,12 +214,11 @@ def check_gpu_counts(client: redis.Redis, keys: Keys, exp: Experiment, todo: lis
     need = max((smp.gpus for smp in todo), default=0)
     if need < 1 or (need == 1 and not commands):
         return
-    known = host_gpu_counts(client, keys, with_none=True)
-    hosts = [n for n in known.values() if n > 0]
+    hosts = [n for n in host_gpu_counts(client, keys) if n > 0]
     if commands and not hosts and client.hlen(keys.workers):
         smp = next(s for s in todo if s.gpus == need)
         raise PlacementError(f"{exp.path}: {smp.label}: needs {need} GPU(s), but no host of this fleet has a GPU "
-                             "(give it `gpus: 0`, or start a GPU worker first)")
+                             "(start a GPU worker first, or let it ask for none)")
     if hosts and need > max(hosts):
         smp = next(s for s in todo if s.gpus == need)
         raise PlacementError(f"{exp.path}: {smp.label}: needs {need} GPUs, but the largest host of this fleet "
@@ -245,11 +245,10 @@ def check_name_free(client: redis.Redis, keys: Keys, exp: Experiment) -> None:
 
 def check_output_allowed(exp: Experiment, allowed: list[Path]) -> None:
     """InputError unless the experiment's output folder (symlinks resolved) lies in one of
-    ``allowed``, as the workers' confinement will require (workers/confinement.py)."""
+    ``allowed``, by the rule the workers' confinement applies (``fleet.settings.inside``)."""
     out = os.path.realpath(exp.output)
-    for root in map(str, allowed):
-        if out == root or out.startswith(root if root.endswith(os.sep) else root + os.sep):
-            return
+    if any(inside(out, str(root)) for root in allowed):
+        return
     raise InputError(f"{exp.path}: output {exp.output} is outside the folders outputs may be written under "
                      f"({', '.join(map(str, allowed)) or 'none'}; setting output_roots or output_dir)")
 
@@ -259,19 +258,18 @@ def check_output_root(exp: Experiment, create: bool = True) -> None:
     InputError otherwise. Without ``create`` (a dry run) nothing is made: the nearest folder
     that exists must be one this process may create folders in."""
     out = Path(exp.output)
-    if not create:
-        at = out
-        while not at.exists() and at != at.parent:
-            at = at.parent
-        if at != out and not (at.is_dir() and os.access(at, os.W_OK | os.X_OK)):
-            raise InputError(f"{exp.path}: output: cannot create {out}: {at} is not a writable folder")
-        if at != out:
-            return
-    else:
+    if create:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"{exp.path}: output: cannot create {out}: {e.strerror or e}") from None
+    elif not out.exists():
+        at = out.parent
+        while not at.exists() and at != at.parent:
+            at = at.parent
+        if not (at.is_dir() and os.access(at, os.W_OK | os.X_OK)):
+            raise InputError(f"{exp.path}: output: cannot create {out}: {at} is not a writable folder")
+        return
     if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
         raise InputError(f"{exp.path}: output: {out} is not a writable folder")
 

@@ -114,9 +114,10 @@ def forked_checks(jobs: Sequence[tuple[str, list[str], Sequence[int]]], want: Se
     it (a million outputs: about 2.5 s to 1.5 s on 2 cores, docs/BENCHMARKS.md "A million
     samples"). The child only stats and writes its findings to a pipe, then ``os._exit``s;
     if it fails in any way, this process does its share too."""
-    if sum(len(ks) for _, _, ks in jobs) < FORK_FROM or len(jobs) < 2 or not _may_fork():
+    total = sum(len(ks) for _, _, ks in jobs)
+    if total < FORK_FROM or len(jobs) < 2 or not _may_fork():
         return [_check_in(folder, names, ks, want, ok) for folder, names, ks in jobs]
-    total, acc, cut = sum(len(ks) for _, _, ks in jobs), 0, len(jobs)
+    acc, cut = 0, 0
     for cut, (_, _, ks) in enumerate(jobs):  # the child takes the jobs after the first half of the files
         acc += len(ks)
         if acc * 2 >= total:

@@ -227,3 +227,11 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> FleetSe
                           + "; lists and objects are given as JSON, e.g. FLEET_OUTPUT_ROOTS='[\"/data/out\"]'") from None
     finally:
         _FileSource.path = None
+
+
+def inside(path: str, root: str) -> bool:
+    """``path`` is ``root`` or lies below it; both resolved (absolute, normalised, no trailing
+    separator but the file system root's): the rule of the allowed output roots, for the
+    producer's check at enqueue and the worker's confinement of every sample. Plain string
+    work: it runs for every sample, and Path.parents built a Path per level."""
+    return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from fleet.errors import PermanentError
+from fleet.settings import inside
 
 
 class ForbiddenOutput(PermanentError):
@@ -23,21 +24,14 @@ def _real(path: str) -> str:
     return os.path.realpath(path)
 
 
-def _inside(path: str, root: str) -> bool:
-    """``path`` is ``root`` or lies below it; both resolved (absolute, normalised, no trailing
-    separator but the file system root's). Plain string work: this runs for every sample, and
-    Path.parents built a Path per level."""
-    return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
-
-
 def confine(output_root: str, output_path: str, allowed: list[Path]) -> None:
     """Raise ForbiddenOutput unless ``output_path`` lies inside ``output_root`` and that root
     inside one of ``allowed`` (all resolved, so neither ``..`` nor a symlink gets out)."""
     if not allowed:
         raise ForbiddenOutput("this worker may write no outputs: set output_roots (or output_dir) in its settings")
     root, out = _real(output_root), _real(output_path)
-    if not any(_inside(root, str(a)) for a in allowed):
+    if not any(inside(root, str(a)) for a in allowed):
         raise ForbiddenOutput(f"output root {output_root} is outside the folders this worker may write "
                               f"({', '.join(map(str, allowed))}; setting output_roots)")
-    if not _inside(out, root) or out == root:
+    if not inside(out, root) or out == root:
         raise ForbiddenOutput(f"output {output_path} is outside its experiment's output root {output_root}")

@@ -56,6 +56,9 @@ def pid_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     monkeypatch.setattr(output_files, "_check_in", logged)
     monkeypatch.setattr(output_files, "FORK_FROM", 1)
+    # Earlier tests of this pytest process may leave threads (a decoder's pool, say), which
+    # _may_fork refuses; its other conditions stand (test_no_fork_while_another_thread_runs).
+    monkeypatch.setattr(output_files.threading, "active_count", lambda: 1)
     return log
 
 
@@ -105,3 +108,16 @@ def test_a_failed_child_leaves_its_share_to_this_process(fleet_ns: Fleet, tmp_pa
     pids = checkers(pid_log)
     assert all(os.getpid() in p for p in pids.values()), "this process checked every folder itself"
     assert any(len(p) == 2 for p in pids.values()), "the child had tried its share"
+
+
+def test_no_fork_while_another_thread_runs() -> None:
+    import threading
+
+    release = threading.Event()
+    t = threading.Thread(target=release.wait)
+    t.start()
+    try:
+        assert not output_files._may_fork()
+    finally:
+        release.set()
+        t.join()
