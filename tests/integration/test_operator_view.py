@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,7 +131,7 @@ def test_logs_of_a_worker_and_of_a_sample_across_rotations(local_fleet: LocalFle
     files = sorted(f.logs.glob("worker-cpu0.log*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
     assert len(files) >= 3
     assert whole == [ln for p in files for ln in p.read_text().splitlines()]  # oldest first, nothing lost
-    assert whole.index(next(ln for ln in whole if "ready" in ln)) < whole.index(next(ln for ln in whole if "c1" in ln))
+    assert whole.index(next(ln for ln in whole if "ready" in ln)) < whole.index(next(ln for ln in whole if re.search(r"\bc1\b", ln)))
     assert f.fleet("logs", "cpu0", "-n", "3", check=True).stdout.splitlines() == whole[-3:]
 
     mine = f.fleet("logs", a1[:12], check=True).stdout.splitlines()  # Flower's label shows 12 characters
